@@ -1,0 +1,27 @@
+# Set-up is part of every target: a fresh clone needs only `make demo` or `make test`.
+VENV := .venv
+PY := $(VENV)/bin/python
+FMNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: demo test test-slow data
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch 2.14.1 + torchvision 0.29.1 lie on this machine's disk (a CUDA build that runs on the CPU).
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+data:
+	@test -d $(FMNIST) || apt-get install -y -q dataset-fashion-mnist >/dev/null || \
+		echo "note: could not install Debian's dataset-fashion-mnist; Fashion-MNIST tests will be skipped"
+
+demo: $(VENV)/.installed data
+	$(VENV)/bin/dynamize convert resnet50 --no-pretrained -o runs/demo-resnet50
+
+test: $(VENV)/.installed data
+	$(PY) -m pytest
+
+test-slow: $(VENV)/.installed data
+	$(PY) -m pytest -m slow

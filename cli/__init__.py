@@ -1,0 +1,1 @@
+"""The `dynamize` command line: thin Typer commands over the dynamize library."""
