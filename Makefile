@@ -18,7 +18,7 @@ data:
 		echo "note: could not install Debian's dataset-fashion-mnist; Fashion-MNIST tests will be skipped"
 
 demo: $(VENV)/.installed data
-	$(VENV)/bin/dynamize convert resnet50 --no-pretrained -o runs/demo-resnet50
+	$(VENV)/bin/dynamize demo
 
 test: $(VENV)/.installed data
 	$(PY) -m pytest

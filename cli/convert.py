@@ -6,7 +6,7 @@ import typer
 from rich.console import Console
 
 import dynamize
-from dynamize.export import read_config
+from dynamize.export import WEIGHTS, read_base_config, read_config
 from dynamize.models import create_base
 from dynamize.plan import GatePlan
 from dynamize.runs import new_run_dir
@@ -15,7 +15,7 @@ from .tables import print_plan
 
 
 def convert(
-    model: str = typer.Argument(..., help="timm model name, e.g. resnet50"),
+    model: str = typer.Argument(..., help="timm model name (e.g. resnet50) or a run directory of `dynamize train`"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="run directory (default: runs/MODEL)"),
     checkpoint: Optional[Path] = typer.Option(None, help=".safetensors (or .pth/.pt state dict) for the base model"),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="timm's pretrained weights"),
@@ -27,6 +27,11 @@ def convert(
     """Insert L-Net / C-Net gates into a timm CNN and write a run directory."""
     console = Console()
     kwargs = {k: v for k, v in (("num_classes", num_classes), ("in_chans", in_chans)) if v is not None}
+    if Path(model).is_dir():
+        trained = read_base_config(model)
+        checkpoint, pretrained = Path(model) / WEIGHTS, False
+        kwargs = {"num_classes": trained["num_classes"], "in_chans": trained["in_chans"], **kwargs}
+        model = trained["architecture"]
     with console.status(f"building {model}"):
         base = create_base(model, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
     with console.status(f"tracing and gating {model}"):

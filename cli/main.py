@@ -9,11 +9,17 @@ from rich.console import Console
 
 from dynamize.errors import DynamizeError
 
+from . import bench as bench_cmds
 from . import convert as convert_cmds
+from . import demo as demo_cmds
+from . import train as train_cmds
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Make timm CNNs input-adaptive with LC-Net layer and channel gates.")
 convert_cmds.register(app)
+bench_cmds.register(app)
+train_cmds.register(app)
+demo_cmds.register(app)
 
 
 def run(argv: Optional[List[str]] = None) -> int:

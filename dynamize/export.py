@@ -58,37 +58,78 @@ def write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def model_config(model: nn.Module, extra: Optional[dict] = None) -> dict:
-    """config.json content: timm's keys for the base model plus a versioned `dynamize` block."""
-    plan: GatePlan = model.plan
+def _timm_config(model: nn.Module, in_chans: int) -> dict:
+    """timm's config keys for a model (as in a hub config.json)."""
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
-    cfg = {k: v for k, v in cfg.items() if isinstance(v, (str, int, float, bool, list, tuple, type(None)))}
     return {
-        "architecture": plan.architecture,
+        "architecture": cfg.get("architecture"),
         "num_classes": model.num_classes,
-        "in_chans": plan.input_size[0],
+        "in_chans": in_chans,
         "num_features": getattr(model, "num_features", None),
-        "pretrained_cfg": cfg,
-        "dynamize": {"version": __version__, "plan": plan.to_dict(), **(extra or {})},
+        "pretrained_cfg": {k: v for k, v in cfg.items()
+                           if isinstance(v, (str, int, float, bool, list, tuple, type(None)))},
     }
 
 
+def model_config(model: nn.Module, extra: Optional[dict] = None) -> dict:
+    """config.json content of a gated model: timm's keys plus a versioned `dynamize` block with the plan."""
+    plan: GatePlan = model.plan
+    return {**_timm_config(model, plan.input_size[0]),
+            "dynamize": {"version": __version__, "plan": plan.to_dict(), **(extra or {})}}
+
+
+def _write_files(path: Path, state: Dict[str, torch.Tensor], config: dict) -> Path:
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"output {path} exists and is not a directory; choose another -o")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tmp = path / f".{WEIGHTS}.tmp"
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp))
+        os.replace(tmp, path / WEIGHTS)
+        write_json(path / CONFIG, config)
+    except OSError as e:
+        raise OutputError(f"cannot write {path} ({e.strerror}); choose another -o") from None
+    return path
+
+
 def save(model: nn.Module, path: Union[str, Path], extra: Optional[dict] = None) -> Path:
-    """Save a gated model as a run directory (created or replaced atomically).
+    """Save a gated model into the run directory `path` (created if needed; other files in it are kept).
+
+    The weights are written before config.json and each file goes through a temporary name, so a crash leaves
+    either the previous run or no config.json (not a run), never a config that points at half-written weights.
 
     Args:
         model: a model returned by `dynamize.convert` or `dynamize.load`.
         path: the run directory.
         extra: more keys for config.json's `dynamize` block (budget, recipe, provenance, ...).
+
+    Raises:
+        OutputError: `path` is a file or cannot be written.
     """
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    config = model_config(model, extra)
+    return _write_files(path, model.state_dict(), model_config(model, extra))
 
-    def write(tmp: Path) -> None:
-        save_file(state, str(tmp / WEIGHTS))
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
-    return write_run(path, write)
+def save_base(model: nn.Module, path: Union[str, Path], in_chans: int, extra: Optional[dict] = None) -> Path:
+    """Save a plain timm model (no gates) as a run directory that `dynamize convert DIR` accepts."""
+    config = {**_timm_config(model, in_chans), "dynamize": {"version": __version__, "kind": "base", **(extra or {})}}
+    return _write_files(path, model.state_dict(), config)
+
+
+def read_base_config(path: Union[str, Path]) -> dict:
+    """config.json of a plain model's run directory (from `dynamize train`).
+
+    Raises:
+        RunError: not such a directory.
+    """
+    path = Path(path)
+    try:
+        config = json.loads((path / CONFIG).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        raise RunError(f"{path} is not a run directory with a readable {CONFIG}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("architecture"), str):
+        raise RunError(f"{path / CONFIG} names no architecture")
+    return config
 
 
 def read_config(path: Union[str, Path]) -> dict:

@@ -117,11 +117,24 @@ class GatedResidual(nn.Module):
             return shortcut + scale.reshape(-1, 1, 1, 1) * self.branch(x)
         if idx.numel():
             out = shortcut.clone()
-            out[idx] += scale[idx].reshape(-1, 1, 1, 1) * self.branch(x[idx])
+            out[idx] += scale[idx].reshape(-1, 1, 1, 1) * self._branch_on(x, idx)
         else:
             out = shortcut
         self._scatter_inner_decisions(idx, x.shape[0])
         return out
+
+    def _branch_on(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The branch on the images `idx` of x; per-image forced decisions of its channel gates follow the images."""
+        inner = [m for m in self.branch.modules() if isinstance(m, Gate) and m.forced is not None
+                 and m.forced.dim() == 2 and m.forced.shape[0] == x.shape[0] > 1]
+        saved = [m.forced for m in inner]
+        for m in inner:
+            m.forced = m.forced[idx]
+        try:
+            return self.branch(x[idx])
+        finally:
+            for m, forced in zip(inner, saved):
+                m.forced = forced
 
     def _scatter_inner_decisions(self, idx: torch.Tensor, batch: int) -> None:
         """Give the branch's channel gates full-batch decisions (zero where the branch was skipped)."""

@@ -23,6 +23,7 @@ class DynamicNet(nn.Module):
         super().__init__()
         self.graph = graph
         self.plan = plan
+        self.in_chans = plan.input_size[0]
         for attr in _TIMM_ATTRS:
             if hasattr(base, attr):
                 setattr(self, attr, getattr(base, attr))

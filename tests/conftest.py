@@ -29,3 +29,24 @@ def randomize(model: torch.nn.Module) -> torch.nn.Module:
             if name.endswith("gamma"):
                 p.copy_(torch.rand(p.shape, generator=g) + 0.5)
     return model
+
+
+def make_image_folder(root, classes: int = 3, per_class: int = 12, size: int = 32, splits=("train", "val")):
+    """A small image-folder data set whose classes differ in brightness pattern, so a model can learn them."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(2)
+    for split in splits:
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                base = torch.zeros(size, size, 3)
+                base[:, c * size // classes:(c + 1) * size // classes] = 0.8
+                img = (base + 0.2 * torch.rand(size, size, 3, generator=g)).clamp(0, 1)
+                Image.fromarray((img * 255).byte().numpy()).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    return make_image_folder(tmp_path / "data")

@@ -1,0 +1,99 @@
+"""`dynamize train`, `finetune`, `calibrate` and `demo`."""
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dynamize.finetune import finetune as finetune_job
+from dynamize.finetune import recalibrate, train_base
+from dynamize.recipes import check_budget, load_recipe
+from dynamize.runs import latest_run, new_run_dir
+
+RECIPE_HELP = "recipe name (in recipes/) or path to a YAML file"
+
+
+def _summary(title: str, result: dict, budget: Optional[float] = None, name: str = "dynamic") -> Table:
+    t = Table(title=title, title_justify="left")
+    for col in ("model", "top-1 %", "top-5 %", "FLOPs fraction (mean)", "p95"):
+        t.add_column(col, justify="right")
+    if "teacher_eval" in result:
+        e = result["teacher_eval"]
+        t.add_row("teacher (original)", f"{e['top1']:.2f}", f"{e['top5']:.2f}", "1.000", "1.000")
+    e = result["eval"]
+    name += f" (budget {budget:.2f})" if budget else ""
+    t.add_row(name, f"{e['top1']:.2f}", f"{e['top5']:.2f}", f"{e.get('flops_mean', 1):.3f}",
+              f"{e.get('flops_p95', 1):.3f}")
+    return t
+
+
+def train(
+    model: str = typer.Argument(..., help="timm model name"),
+    data: Optional[str] = typer.Option(None, help="fashion-mnist, a timm dataset name, or an image folder"),
+    data_dir: Optional[str] = typer.Option(None, help="where the data set's files are"),
+    recipe: Optional[str] = typer.Option(None, help=RECIPE_HELP),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="run directory (default: runs/MODEL-base)"),
+    resume: bool = typer.Option(False, help="continue from the run's last checkpoint"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="recipe overrides, key=value"),
+) -> None:
+    """Fit a plain timm model on a data set (a teacher, when no pretrained weights are at hand)."""
+    r = load_recipe(recipe, overrides, model=model, data=data, data_dir=data_dir)
+    out = output or (latest_run() if resume else new_run_dir(f"{model}-base"))
+    console = Console()
+    result = train_base(r, out, resume=resume, console=console)
+    if result:
+        console.print(_summary(f"trained {model}", result, name=model))
+        console.print(f"wrote [bold]{out}[/bold]; next: dynamize convert {out}")
+
+
+def finetune(
+    run: Optional[Path] = typer.Argument(None, help="converted run directory (default: the most recent run)"),
+    budget: str = typer.Option(..., help="target fraction of the original FLOPs, 0 < B <= 1"),
+    data: Optional[str] = typer.Option(None, help="fashion-mnist, a timm dataset name, or an image folder"),
+    data_dir: Optional[str] = typer.Option(None, help="where the data set's files are"),
+    recipe: Optional[str] = typer.Option("fashion-mnist-resnet18", help=RECIPE_HELP),
+    gates: Optional[str] = typer.Option(None, help="train only layer | channel gates, or both"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="run directory (default: RUN-bB)"),
+    resume: bool = typer.Option(False, help="continue from the output run's last checkpoint"),
+    overrides: Optional[List[str]] = typer.Option(None, "--set", help="recipe override key=value (repeatable)"),
+) -> None:
+    """Fine-tune a converted run under a FLOPs budget by distilling from the original model."""
+    b = check_budget(budget)
+    run = run or latest_run()
+    from dynamize.export import read_config
+    plan = read_config(run)["dynamize"]["plan"]
+    values = dict(budget=b, data=data, data_dir=data_dir, gates=gates)
+    keys = {o.partition("=")[0] for o in overrides or []}
+    values.update({k: v for k, v in (("img_size", plan["input_size"][1]), ("in_chans", plan["input_size"][0]))
+                   if k not in keys})
+    r = load_recipe(recipe, overrides, **values)
+    suffix = f"-b{b:.2f}" + ("" if r.gates == "both" else f"-{r.gates}")
+    out = output or Path(str(run) + suffix)
+    console = Console()
+    result = finetune_job(run, r, out, resume=resume, console=console)
+    if result:
+        console.print(_summary(f"fine-tuned {run} at budget {b:.2f}", result, b))
+        console.print(f"wrote [bold]{out}[/bold]")
+
+
+def calibrate(
+    run: Path = typer.Argument(..., help="fine-tuned run directory"),
+    budget: str = typer.Option(..., help="new target fraction of the original FLOPs, 0 < B <= 1"),
+    data: Optional[str] = typer.Option(None, help="data set (default: the one the run was trained on)"),
+    data_dir: Optional[str] = typer.Option(None, help="where the data set's files are"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="new run directory (default: RUN-cB)"),
+) -> None:
+    """Re-target a fine-tuned run to another budget by calibrating its gate thresholds (no retraining)."""
+    b = check_budget(budget)
+    out = output or Path(f"{run}-c{b:.2f}")
+    result = recalibrate(run, b, out, data, data_dir)
+    console = Console()
+    console.print(_summary(f"calibrated {run} to budget {b:.2f}", result, b))
+    console.print(f"wrote [bold]{out}[/bold]")
+
+
+def register(app: typer.Typer) -> None:
+    app.command(context_settings={"allow_extra_args": False})(train)
+    app.command()(finetune)
+    app.command()(calibrate)

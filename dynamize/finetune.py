@@ -1,0 +1,126 @@
+"""The jobs behind `dynamize train`, `finetune` and `calibrate`: wire data, models, losses and the training loop."""
+import datetime
+import platform
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+from rich.console import Console
+from timm.task import ClassificationTask
+from torch import nn
+
+from . import __version__
+from .convert import apply_plan
+from .data import DataSpec, datasets, eval_dataset, loader, num_classes
+from .distill import BudgetDistillationTask, budget_target, configure_gates
+from .errors import RunError
+from .evaluate import calibrate, evaluate
+from .export import base_state_dict, load, read_config, save, save_base
+from .models import create_base, load_weights
+from .recipes import Recipe
+from .train import fit, init_distributed
+from torch.utils.data import Subset
+
+
+def provenance() -> dict:
+    """Who made a run, when and how: recorded in config.json."""
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
+            "dynamize": __version__, "torch": torch.__version__, "command": " ".join(sys.argv)}
+
+
+def _spec(recipe: Recipe) -> DataSpec:
+    return DataSpec(recipe.data, recipe.data_dir, recipe.img_size, recipe.in_chans)
+
+
+def _eval_loader(ds, recipe: Recipe):
+    if recipe.eval_subset and recipe.eval_subset < len(ds):
+        ds = Subset(ds, range(recipe.eval_subset))
+    return loader(ds, 256)
+
+
+def train_base(recipe: Recipe, out: Path, resume: bool = False, console: Optional[Console] = None) -> dict:
+    """Fit a plain timm model on the recipe's data (a teacher when no pretrained weights are at hand)."""
+    ddp = init_distributed()
+    train, calib, test = datasets(_spec(recipe), recipe.calib_size, recipe.train_subset, recipe.seed)
+    torch.manual_seed(recipe.seed)
+    model = create_base(recipe.model, num_classes=num_classes(train), in_chans=recipe.in_chans)
+    calib_loader = loader(calib, 256)
+    history = fit(ClassificationTask(model, criterion=nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing),
+                                     verbose=False), model, train, recipe, out, resume=resume, ddp=ddp,
+                  console=console, evaluate=lambda m: {f"calib_{k}": v for k, v in evaluate(m, calib_loader).items()})
+    result = {"eval": evaluate(model, _eval_loader(test, recipe)), "history": history}
+    if ddp.main:
+        save_base(model, out, recipe.in_chans, {"recipe": recipe.to_dict(), "eval": result["eval"],
+                                                "provenance": provenance()})
+    return result
+
+
+def teacher_of(run: Path) -> nn.Module:
+    """The original model of a run: the weights it was converted from, recorded as `teacher` in config.json."""
+    config = read_config(run)
+    teacher_run = Path(config["dynamize"].get("teacher", run))
+    if not teacher_run.is_dir():
+        raise RunError(f"the teacher run {teacher_run} recorded in {run}/config.json is gone")
+    original = load(teacher_run)
+    base = create_base(original.plan.architecture, num_classes=original.num_classes, in_chans=original.in_chans)
+    load_weights(base, base_state_dict(original))
+    return base.eval()
+
+
+def finetune(run: Path, recipe: Recipe, out: Path, resume: bool = False, console: Optional[Console] = None) -> dict:
+    """Budget-controlled distillation of a converted run into `out`, then calibration to the budget.
+
+    Returns the calibration result and the eval-split metrics of the final model.
+    """
+    console = console or Console()
+    ddp = init_distributed()
+    student = load(run)
+    teacher = teacher_of(run)
+    config = read_config(run)
+    train, calib, test = datasets(_spec(recipe), recipe.calib_size, recipe.train_subset, recipe.seed)
+    if num_classes(train) != student.num_classes:
+        raise RunError(f"the data has {num_classes(train)} classes but {run} was converted with "
+                       f"{student.num_classes}; convert with --num-classes {num_classes(train)}")
+    configure_gates(student, recipe.gates, recipe.gumbel_tau)
+    task = BudgetDistillationTask(student, teacher, recipe)
+    calib_loader = loader(calib, 256)
+
+    def on_step(progress: float) -> None:
+        task.target = budget_target(progress, recipe.budget, recipe.anneal_fraction)
+
+    def per_epoch(model):
+        return {f"calib_{k}": v for k, v in evaluate(model, calib_loader).items()}
+
+    history = fit(task, student, train, recipe, out, resume=resume, evaluate=per_epoch, on_step=on_step, ddp=ddp,
+                  console=console)
+    if not ddp.main:
+        return {}
+    with console.status("calibrating gate thresholds to the budget"):
+        cal = calibrate(student, calib_loader, recipe.budget)
+    result = {"calibration": cal, "eval": evaluate(student, _eval_loader(test, recipe)),
+              "teacher_eval": evaluate(teacher, _eval_loader(test, recipe)), "history": history}
+    save(student, out, {"budget": recipe.budget, "gates_trained": recipe.gates, "recipe": recipe.to_dict(),
+                        "teacher": str(Path(config["dynamize"].get("teacher", run)).resolve()),
+                        "parent": str(Path(run).resolve()), "calibration": cal, "eval": result["eval"],
+                        "teacher_eval": result["teacher_eval"], "provenance": provenance()})
+    return result
+
+
+def recalibrate(run: Path, budget: float, out: Path, data: Optional[str] = None,
+                data_dir: Optional[str] = None) -> dict:
+    """Re-target a fine-tuned run to another budget by moving its gate thresholds; writes a new run."""
+    config = read_config(run)
+    recipe_values = config["dynamize"].get("recipe")
+    if not recipe_values:
+        raise RunError(f"{run} was not fine-tuned (no recipe in config.json); run `dynamize finetune` first")
+    recipe = Recipe(**{**recipe_values, **({"data": data} if data else {}),
+                       **({"data_dir": data_dir} if data_dir else {}), "budget": budget}).validate()
+    model = load(run)
+    _, calib, test = datasets(_spec(recipe), recipe.calib_size, recipe.train_subset, recipe.seed)
+    cal = calibrate(model, loader(calib, 256), budget)
+    result = {"calibration": cal, "eval": evaluate(model, _eval_loader(test, recipe))}
+    save(model, out, {**config["dynamize"], "plan": model.plan.to_dict(), "budget": budget,
+                      "recipe": recipe.to_dict(), "parent": str(Path(run).resolve()), "calibration": cal,
+                      "eval": result["eval"], "provenance": provenance()})
+    return result

@@ -1,0 +1,50 @@
+"""`dynamize bench` through the real CLI entry point: tables, JSON, and one-line errors (not timings)."""
+import json
+
+import pytest
+
+from dynamize_cli.main import run
+
+FAST = ["--img-size", "32", "--repeats", "1", "--warmup", "0", "--threads", "1"]
+
+
+def test_bench_model_with_fraction_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert run(["bench", "test_resnet", "--fraction", "0.6", "-b", "1", "-b", "2", *FAST, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "speedup" in printed and "ideal" in printed and "FLOPs fraction 0.6" in printed
+    results = json.loads(out.read_text())["results"]
+    assert [r["batch_size"] for r in results] == [1, 2]
+    for r in results:
+        assert set(r) == {"model", "batch_size", "fraction", "dense_ms", "dynamic_ms", "speedup", "ideal"}
+        assert r["model"] == "test_resnet" and 0 < r["fraction"] <= 1 and r["dense_ms"] > 0 and r["dynamic_ms"] > 0
+        assert r["ideal"] == pytest.approx(1 / r["fraction"])
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # no temporary file left behind
+
+
+def test_bench_run_directory_uses_learned_decisions(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert run(["convert", "test_resnet", "--no-pretrained", "--num-classes", "3", "--img-size", "32",
+                "-o", str(run_dir)]) == 0
+    capsys.readouterr()
+    assert run(["bench", str(run_dir), "-b", "1", *FAST]) == 0
+    assert "learned decisions" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["test_resnet", "--fraction", "0"], "--fraction must be in (0, 1]"),
+    (["test_resnet", "--fraction", "1.5"], "--fraction must be in (0, 1]"),
+    (["resnet5O", "--fraction", "0.5"], "did you mean resnet50"),
+    (["test_resnet"], "pass --fraction"),
+    (["test_resnet", "--fraction", "0.01"], "every gate closed"),
+])
+def test_bench_bad_input_is_one_line(args, message, capsys):
+    assert run(["bench", *args, "-b", "1", *FAST]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("dynamize: error:") and message in err
+
+
+def test_bench_file_is_not_a_run_directory(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert run(["bench", str(tmp_path / "file"), "-b", "1", *FAST]) == 2
+    assert "not a run directory" in capsys.readouterr().err
