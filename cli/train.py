@@ -6,10 +6,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from dynamize.export import read_config
 from dynamize.finetune import finetune as finetune_job
 from dynamize.finetune import recalibrate, train_base
 from dynamize.recipes import check_budget, load_recipe
 from dynamize.runs import latest_run, new_run_dir
+from dynamize.train import checkpoint_recipe
 
 RECIPE_HELP = "recipe name (in recipes/) or path to a YAML file"
 
@@ -38,8 +40,9 @@ def train(
     overrides: Optional[List[str]] = typer.Argument(None, help="recipe overrides, key=value"),
 ) -> None:
     """Fit a plain timm model on a data set (a teacher, when no pretrained weights are at hand)."""
-    r = load_recipe(recipe, overrides, model=model, data=data, data_dir=data_dir)
     out = output or (latest_run() if resume else new_run_dir(f"{model}-base"))
+    r = checkpoint_recipe(out) if resume else load_recipe(recipe, overrides, model=model, data=data,
+                                                          data_dir=data_dir)
     console = Console()
     result = train_base(r, out, resume=resume, console=console)
     if result:
@@ -61,7 +64,6 @@ def finetune(
     """Fine-tune a converted run under a FLOPs budget by distilling from the original model."""
     b = check_budget(budget)
     run = run or latest_run()
-    from dynamize.export import read_config
     plan = read_config(run)["dynamize"]["plan"]
     values = dict(budget=b, data=data, data_dir=data_dir, gates=gates)
     keys = {o.partition("=")[0] for o in overrides or []}
@@ -70,6 +72,8 @@ def finetune(
     r = load_recipe(recipe, overrides, **values)
     suffix = f"-b{b:.2f}" + ("" if r.gates == "both" else f"-{r.gates}")
     out = output or Path(str(run) + suffix)
+    if resume:
+        r = checkpoint_recipe(out)
     console = Console()
     result = finetune_job(run, r, out, resume=resume, console=console)
     if result:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Tuple
 
 import torch
+from PIL import Image
 from timm.data import create_dataset, create_transform
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
@@ -22,6 +23,7 @@ _FMNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-ima
                  "t10k-labels-idx1-ubyte")
 _FMNIST_STATS = ((0.2860,), (0.3530,))
 _TIMM_PREFIXES = ("torch", "hfds", "hfids", "tfds", "wds")  # timm dataset names look like torch/cifar10
+_VERIFY_LIMIT = 50_000
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 
@@ -99,6 +101,23 @@ def _check_folder(root: Path) -> None:
             raise DataError(f"{split} has class folders but no images")
     if not any(p.name in ("train", "training") for p in splits):
         raise DataError(f"data folder {root} has no train/ split (expected train/CLASS/*.png)")
+    _verify_images([f for s in splits for c in s.iterdir() if c.is_dir() for f in c.iterdir()
+                    if f.suffix.lower() in _IMAGE_SUFFIXES])
+
+
+def _verify_images(files) -> None:
+    """Stop before training starts (and before anything is written) if an image cannot be read.
+
+    Large data sets are not scanned up front; an unreadable image there stops the run when it is reached.
+    """
+    if len(files) > _VERIFY_LIMIT:
+        return
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im.verify()
+        except Exception:  # PIL raises many types (UnidentifiedImageError, SyntaxError, struct.error, ...)
+            raise DataError(f"cannot read image {f}; remove or replace it") from None
 
 
 def _raw_dataset(spec: DataSpec, train: bool):

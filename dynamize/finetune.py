@@ -9,6 +9,7 @@ import torch
 from rich.console import Console
 from timm.task import ClassificationTask
 from torch import nn
+from torch.utils.data import Subset
 
 from . import __version__
 from .convert import apply_plan
@@ -20,7 +21,6 @@ from .export import base_state_dict, load, read_config, save, save_base
 from .models import create_base, load_weights
 from .recipes import Recipe
 from .train import fit, init_distributed
-from torch.utils.data import Subset
 
 
 def provenance() -> dict:

@@ -9,6 +9,7 @@ import math
 import os
 import random
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +121,22 @@ def _load_checkpoint(out: Path, model: nn.Module, optimizer, scheduler) -> Train
                        "without --resume") from None
 
 
+def checkpoint_recipe(out: Path) -> Recipe:
+    """The recipe a run was started with, from its last checkpoint: what `--resume` continues with.
+
+    Raises:
+        RunError: there is no checkpoint, or it is damaged.
+    """
+    ckpt = out / CHECKPOINT
+    try:
+        return Recipe(**json.loads((ckpt / "state.json").read_text())["recipe"]).validate()
+    except FileNotFoundError:
+        raise RunError(f"no checkpoint to resume in {ckpt}; start without --resume") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RunError(f"the checkpoint in {ckpt} is damaged ({type(e).__name__}); delete {ckpt} and start "
+                       "without --resume") from None
+
+
 class _StopFlag:
     """Turns Ctrl-C into a request that the loop honours between steps, so the checkpoint is consistent."""
 
@@ -127,7 +144,8 @@ class _StopFlag:
         self.requested = False
 
     def __enter__(self):
-        self._old = signal.signal(signal.SIGINT, self._handle) if _main_thread() else None
+        in_main = threading.current_thread() is threading.main_thread()  # signals only reach the main thread
+        self._old = signal.signal(signal.SIGINT, self._handle) if in_main else None
         return self
 
     def _handle(self, *_):
@@ -138,14 +156,9 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._old)
 
 
-def _main_thread() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
-
-
 def fit(task: nn.Module, model: nn.Module, train_ds, recipe: Recipe, out: Path, *, resume: bool = False,
         evaluate: Optional[Callable[[nn.Module], dict]] = None, on_step: Optional[Callable[[float], None]] = None,
-        ddp: Distributed = Distributed(), console: Optional[Console] = None) -> List[dict]:
+        ddp: Optional[Distributed] = None, console: Optional[Console] = None) -> List[dict]:
     """Train `task` (a timm TrainingTask around `model`) and return the per-epoch metrics.
 
     Args:
@@ -164,6 +177,7 @@ def fit(task: nn.Module, model: nn.Module, train_ds, recipe: Recipe, out: Path, 
         Interrupted: Ctrl-C; a checkpoint was written first.
     """
     console = console or Console()
+    ddp = ddp or Distributed()
     optimizer = create_optimizer_v2(param_groups_of(model, recipe), opt=recipe.opt, lr=recipe.lr_backbone, weight_decay=recipe.weight_decay)
     sampler = EpochSampler(len(train_ds), recipe.seed, ddp.rank, ddp.world)
     steps_per_epoch = len(sampler) // recipe.batch_size
