@@ -33,6 +33,8 @@ def write_run(path: Union[str, Path], write: Callable[[Path], None]) -> Path:
         raise OutputError(f"output {path} exists and is not a directory; choose another -o")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a process killed mid-write
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     except OSError as e:
         raise OutputError(f"cannot write to {path.parent} ({e.strerror}); choose another -o") from None
