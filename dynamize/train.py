@@ -114,11 +114,15 @@ def _load_checkpoint(out: Path, model: nn.Module, optimizer, scheduler) -> Train
         torch.set_rng_state(tensors["__torch_rng__"])
         random.setstate(_tupled(meta["python_rng"]))
         return TrainState(**meta["progress"])
-    except FileNotFoundError:
-        raise RunError(f"no checkpoint to resume in {ckpt}; start without --resume") from None
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
-        raise RunError(f"the checkpoint in {ckpt} is damaged ({type(e).__name__}); delete {ckpt} and start "
-                       "without --resume") from None
+        raise _checkpoint_error(ckpt, e) from None
+
+
+def _checkpoint_error(ckpt: Path, e: Exception) -> RunError:
+    if isinstance(e, FileNotFoundError):
+        return RunError(f"no checkpoint to resume in {ckpt}; start without --resume")
+    return RunError(f"the checkpoint in {ckpt} is damaged ({type(e).__name__}); delete {ckpt} and start "
+                    "without --resume")
 
 
 def checkpoint_recipe(out: Path) -> Recipe:
@@ -130,11 +134,8 @@ def checkpoint_recipe(out: Path) -> Recipe:
     ckpt = out / CHECKPOINT
     try:
         return Recipe(**json.loads((ckpt / "state.json").read_text())["recipe"]).validate()
-    except FileNotFoundError:
-        raise RunError(f"no checkpoint to resume in {ckpt}; start without --resume") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise RunError(f"the checkpoint in {ckpt} is damaged ({type(e).__name__}); delete {ckpt} and start "
-                       "without --resume") from None
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
+        raise _checkpoint_error(ckpt, e) from None
 
 
 class _StopFlag:
