@@ -12,7 +12,7 @@ from dynamize.recipes import load_recipe
 from .train import _summary
 
 # Subsampled so that the demo finishes in minutes on 2 CPU cores; the benchmark uses the full data.
-DEMO = ["train_subset=6000", "epochs=2", "calib_size=1000", "eval_subset=2000", "checkpoint_every=0"]
+DEMO = ["train_subset=5000", "epochs=2", "calib_size=1000", "eval_subset=2000", "checkpoint_every=0"]
 
 
 def demo(
@@ -21,7 +21,7 @@ def demo(
 ) -> None:
     """Train a ResNet-18 teacher on Fashion-MNIST, convert it, fine-tune it at a FLOPs budget, and report."""
     console = Console()
-    console.rule("1/3  train a ResNet-18 teacher on Fashion-MNIST (6,000 images, 2 epochs, 32 px)")
+    console.rule("1/3  train a ResNet-18 teacher on Fashion-MNIST (5,000 images, 2 epochs, 32 px)")
     teacher_recipe = load_recipe("fashion-mnist-resnet18", DEMO + ["lr_backbone=0.002", "weight_decay=0.05"])
     train_base(teacher_recipe, output / "teacher", console=console)
     console.rule("2/3  convert: insert L-Net and C-Net gates")
@@ -31,7 +31,7 @@ def demo(
     recipe = load_recipe("fashion-mnist-resnet18", DEMO, budget=budget)
     result = finetune(output / "resnet18", recipe, output / f"resnet18-b{budget:.2f}", console=console)
     console.print(_summary(f"Fashion-MNIST test set (first {recipe.eval_subset} images)", result, budget))
-    console.print(f"runs in [bold]{output}[/bold]; the teacher and the dynamic model were trained on a 6,000-image "
+    console.print(f"runs in [bold]{output}[/bold]; the teacher and the dynamic model were trained on a 5,000-image "
                   "subsample for speed (see docs/benchmarks.md for full runs)")
 
 

@@ -8,7 +8,7 @@ from rich.table import Table
 
 from dynamize import report_md
 from dynamize.report import (FLOPS_DEFINITION, build_report, check_output, default_output, evaluate_runs,
-                             resolve_runs, run_names, static_entry, write_report)
+                             measure_latency, resolve_runs, run_names, static_entry, write_report)
 
 
 def _table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> Table:
@@ -42,6 +42,7 @@ def report(
     static: bool = typer.Option(False, "--static", help="only the plan and its FLOPs accounting; needs no data"),
     limit: int = typer.Option(0, min=0, help="evaluate only the first N images of the evaluation split (0: all)"),
     batch_size: int = typer.Option(64, min=1, help="evaluation batch size"),
+    latency: bool = typer.Option(False, help="also time dense vs dynamic at batch 1 and 32 (dynamize bench)"),
 ) -> None:
     """Evaluate runs and their teachers: accuracy, per-image FLOPs, gate behaviour; writes report.json/.md + plots."""
     console = Console()
@@ -55,6 +56,10 @@ def report(
         with console.status(f"evaluating {len(runs)} run(s) and their teachers"):
             evaluations = evaluate_runs(runs, data, data_dir, limit, batch_size)
         entries = [ev.entry for ev in evaluations]
+        if latency:
+            with console.status("timing dense vs dynamic"):
+                for run, entry in zip(runs, entries):
+                    entry["latency"] = measure_latency(run)
     with console.status(f"writing {out}"):
         write_report(build_report(entries, static), evaluations, out)
     for entry in entries:

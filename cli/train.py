@@ -35,6 +35,7 @@ def train(
     data: Optional[str] = typer.Option(None, help="fashion-mnist, a timm dataset name, or an image folder"),
     data_dir: Optional[str] = typer.Option(None, help="where the data set's files are"),
     recipe: Optional[str] = typer.Option(None, help=RECIPE_HELP),
+    checkpoint: Optional[Path] = typer.Option(None, help="weights to start from; another-sized head is re-initialised"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="run directory (default: runs/MODEL-base)"),
     resume: bool = typer.Option(False, help="continue from the run's last checkpoint"),
     overrides: Optional[List[str]] = typer.Argument(None, help="recipe overrides, key=value"),
@@ -44,7 +45,7 @@ def train(
     r = checkpoint_recipe(out) if resume else load_recipe(recipe, overrides, model=model, data=data,
                                                           data_dir=data_dir)
     console = Console()
-    result = train_base(r, out, resume=resume, console=console)
+    result = train_base(r, out, resume=resume, console=console, init=checkpoint)
     if result:
         console.print(_summary(f"trained {model}", result, name=model))
         console.print(f"wrote [bold]{out}[/bold]; next: dynamize convert {out}")

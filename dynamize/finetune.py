@@ -18,7 +18,7 @@ from .distill import BudgetDistillationTask, budget_target, configure_gates
 from .errors import RunError
 from .evaluate import calibrate, evaluate
 from .export import base_state_dict, load, read_config, save, save_base
-from .models import create_base, load_weights
+from .models import create_base, load_backbone, load_weights, read_state_dict
 from .recipes import Recipe
 from .train import fit, init_distributed
 
@@ -39,12 +39,19 @@ def _eval_loader(ds, recipe: Recipe):
     return loader(ds, 256)
 
 
-def train_base(recipe: Recipe, out: Path, resume: bool = False, console: Optional[Console] = None) -> dict:
-    """Fit a plain timm model on the recipe's data (a teacher when no pretrained weights are at hand)."""
+def train_base(recipe: Recipe, out: Path, resume: bool = False, console: Optional[Console] = None,
+               init: Optional[Path] = None) -> dict:
+    """Fit a plain timm model on the recipe's data (a teacher when no pretrained weights are at hand).
+
+    Args:
+        init: weights to start from (e.g. ImageNet weights); a classifier of another size is re-initialised.
+    """
     ddp = init_distributed()
     train, calib, test = datasets(_spec(recipe), recipe.calib_size, recipe.train_subset, recipe.seed)
     torch.manual_seed(recipe.seed)
     model = create_base(recipe.model, num_classes=num_classes(train), in_chans=recipe.in_chans)
+    if init is not None:
+        load_backbone(model, read_state_dict(init))
     calib_loader = loader(calib, 256)
     history = fit(ClassificationTask(model, criterion=nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing),
                                      verbose=False), model, train, recipe, out, resume=resume, ddp=ddp,

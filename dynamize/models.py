@@ -101,6 +101,21 @@ def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
     return obj
 
 
+def load_backbone(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> None:
+    """Load weights for transfer learning: strict, except a classifier of another size, which stays as initialised.
+
+    Raises:
+        ModelError: anything but the classifier does not match.
+    """
+    head = model.get_classifier()
+    prefix = next(name for name, m in model.named_modules() if m is head)
+    own = model.state_dict()
+    state_dict = {k: v for k, v in state_dict.items()
+                  if not (k.startswith(prefix + ".") and k in own and own[k].shape != v.shape)}
+    state_dict.update({k: v for k, v in own.items() if k.startswith(prefix + ".") and k not in state_dict})
+    load_weights(model, state_dict)
+
+
 def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> None:
     """Load a state dict strictly, accepting the `module.` prefix that DDP adds.
 

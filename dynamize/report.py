@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from . import __version__
+from .bench import bench, open_target
 from .data import DataError, DataSpec, eval_dataset, loader, num_classes
 from .errors import OutputError
 from .export import load, read_config, write_json
@@ -247,6 +248,16 @@ def evaluate_run(run: Path, name: Optional[str] = None, data: Optional[str] = No
              "flops": _flops_summary(model.plan, c["fractions"], c[f"part:{GATES}"]),
              **_blocks(model.plan, c), "per_class": _per_class(c, names)}
     return RunEvaluation(entry, c["fractions"], c["labels"], c["top5"][:, 0], ds, names)
+
+
+def measure_latency(run: Path, batch_sizes: Sequence[int] = (1, 32), repeats: int = 5) -> List[dict]:
+    """Dense vs dynamic wall-clock medians (ms) of a run at each batch size, via `dynamize bench`'s timer.
+
+    The run's learned decisions are taken on random images, so the measured FLOPs fraction can differ from the one
+    on the evaluation split; each row records the fraction it was timed at.
+    """
+    net, dense, size = open_target(str(run), None, None)
+    return [r.to_dict() for r in bench(net, dense, Path(run).name, batch_sizes, size, repeats=repeats)]
 
 
 def evaluate_runs(runs: Sequence[Path], data: Optional[str] = None, data_dir: Optional[str] = None,

@@ -30,8 +30,15 @@ def summary_rows(entry: dict) -> List[Tuple[str, str, str]]:
         ("GFLOPs / image p5 / p50 / p95", f"{gf:.4f}",
          f"{f['p5_gflops']:.4f} / {f['p50_gflops']:.4f} / {f['p95_gflops']:.4f}"),
         ("gate overhead (all gates / measured)", "-", f"{_pct(f['gate_overhead'])} / {_pct(f['gate_mean_fraction'])}"),
-        ("latency", "-", str(entry["latency"])),
+        ("latency dense / dynamic (speedup)", "-", _latency(entry["latency"])),
     ]
+
+
+def _latency(latency) -> str:
+    if isinstance(latency, str):
+        return latency
+    return "; ".join(f"batch {r['batch_size']}: {r['dense_ms']:.1f} / {r['dynamic_ms']:.1f} ms ({r['speedup']:.2f}x)"
+                     for r in latency)
 
 
 def _groups(groups: Sequence[dict]) -> str:

@@ -66,3 +66,12 @@ def test_bad_input_is_one_line_and_exit_2(case, runs, tmp_path, monkeypatch, cap
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert needle in err
     assert _files(tmp_path) == before and _files(runs["run"].parent.parent) == runs_before
+
+
+def test_latency_is_measured_when_asked(runs, tmp_path):
+    out = tmp_path / "rep"
+    assert run(["report", str(runs["run"]), "--data", str(runs["data"]), "--limit", "8", "--latency",
+                "-o", str(out)]) == 0
+    latency = json.loads((out / "report.json").read_text())["runs"][0]["latency"]
+    assert [r["batch_size"] for r in latency] == [1, 32]
+    assert all(r["dense_ms"] > 0 and r["dynamic_ms"] > 0 and 0 < r["fraction"] <= 1.1 for r in latency)

@@ -15,7 +15,7 @@ from dynamize.data import DataSpec, datasets, loader
 from dynamize.distill import BudgetDistillationTask, budget_target, configure_gates
 from dynamize.evaluate import calibrate, mean_fraction
 from dynamize.recipes import load_recipe
-from dynamize.train import Distributed, Interrupted, fit
+from dynamize.train import Distributed, Interrupted, TrainingError, fit
 
 SIZE = 32
 
@@ -104,3 +104,28 @@ def test_two_process_gloo_ddp_keeps_ranks_identical(image_folder, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     start = timm.create_model("test_resnet", num_classes=3).state_dict()
     assert any(not torch.equal(a[k], start[k]) for k in a if k.endswith("weight"))
+
+
+class _NaNAfter(ClassificationTask):
+    """A task whose loss turns NaN at a given step, as a diverging run's would."""
+
+    def __init__(self, model, step):
+        super().__init__(model, verbose=False)
+        self.calls, self.step = 0, step
+
+    def forward(self, input, target):
+        out = super().forward(input, target)
+        self.calls += 1
+        if self.calls > self.step:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(image_folder, tmp_path):
+    recipe = _recipe(image_folder, checkpoint_every=1)
+    train, _, _ = datasets(DataSpec(recipe.data, None, SIZE, 3), recipe.calib_size)
+    model = timm.create_model("test_resnet", num_classes=3)
+    with pytest.raises(TrainingError, match="at step 2"):
+        fit(_NaNAfter(model, 2), model, train, recipe, tmp_path / "run")
+    ckpt = load_file(str(tmp_path / "run" / "checkpoints" / "last" / "model.safetensors"))
+    assert all(torch.isfinite(v.float()).all() for v in ckpt.values())
