@@ -56,10 +56,11 @@ def train_base(recipe: Recipe, out: Path, resume: bool = False, console: Optiona
     history = fit(ClassificationTask(model, criterion=nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing),
                                      verbose=False), model, train, recipe, out, resume=resume, ddp=ddp,
                   console=console, evaluate=lambda m: {f"calib_{k}": v for k, v in evaluate(m, calib_loader).items()})
+    if not ddp.main:
+        return {}
     result = {"eval": evaluate(model, _eval_loader(test, recipe)), "history": history}
-    if ddp.main:
-        save_base(model, out, recipe.in_chans, {"recipe": recipe.to_dict(), "eval": result["eval"],
-                                                "provenance": provenance()})
+    save_base(model, out, recipe.in_chans, {"recipe": recipe.to_dict(), "eval": result["eval"],
+                                            "provenance": provenance()})
     return result
 
 
