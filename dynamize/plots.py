@@ -56,7 +56,7 @@ def accuracy_vs_flops(entries: Sequence[dict], path: Path) -> None:
     for e in sorted(entries, key=lambda e: e["flops"]["mean_fraction"]):
         f = e["flops"]
         ax.errorbar(f["mean_fraction"], e["accuracy"]["top1"], fmt="o", capsize=3, label=e["name"],
-                    xerr=[[f["mean_fraction"] - f["p5"]], [f["p95"] - f["mean_fraction"]]])
+                    xerr=[[max(0.0, f["mean_fraction"] - f["p5"])], [max(0.0, f["p95"] - f["mean_fraction"])]])
     teachers = {e["teacher"]["path"]: e for e in entries}
     for e in teachers.values():
         label = "teacher" if len(teachers) == 1 else f"teacher of {e['name']}"
