@@ -173,12 +173,8 @@ class SlicedLayer(nn.Module):
         return _conv(self.layer, x, weight, bias, groups=1)
 
 
-class SlicedDepthwise(nn.Module):
-    """A depthwise convolution on the kept channels only."""
-
-    def __init__(self, conv: nn.Conv2d):
-        super().__init__()
-        self.conv = conv
+class _OnKeptChannels(nn.Module):
+    """A per-channel layer run on the kept channels: once for the batch, or per image in split execution."""
 
     def forward(self, x: Compact, kept: Kept) -> Compact:
         if not _is_split(kept):
@@ -186,21 +182,27 @@ class SlicedDepthwise(nn.Module):
         return [self._run(t, kept.index(i)) for i, t in enumerate(x)]
 
     def _run(self, x: torch.Tensor, idx: Optional[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class SlicedDepthwise(_OnKeptChannels):
+    """A depthwise convolution on the kept channels only."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.conv = conv
+
+    def _run(self, x: torch.Tensor, idx: Optional[torch.Tensor]) -> torch.Tensor:
         weight = _pick(self.conv.weight, idx)
         return _conv(self.conv, x, weight, _pick(self.conv.bias, idx), groups=weight.shape[0])
 
 
-class SlicedBatchNorm(nn.Module):
+class SlicedBatchNorm(_OnKeptChannels):
     """An evaluation-mode BatchNorm (with timm's fused drop + activation, if any) on the kept channels only."""
 
     def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
         super().__init__()
         self.bn = bn
-
-    def forward(self, x: Compact, kept: Kept) -> Compact:
-        if not _is_split(kept):
-            return self._run(x, kept.idx)
-        return [self._run(t, kept.index(i)) for i, t in enumerate(x)]
 
     def _run(self, x: torch.Tensor, idx: Optional[torch.Tensor]) -> torch.Tensor:
         bn = self.bn
