@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--train-subset", type=int, default=8000)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--budget", type=float, default=0.5)
+    ap.add_argument("--finetune-set", nargs="*", default=[], help="recipe overrides (key=value) for the LC fine-tune")
     args = ap.parse_args()
     torch.set_num_threads(2)
     console = Console()
@@ -72,11 +73,12 @@ def main() -> None:
         base = create_base("mobilenetv2_100", checkpoint=teacher, num_classes=10, in_chans=3)
         dynamize.save(dynamize.convert(base, img_size=args.img_size), conv)
     start = time.time()
-    out = args.root / f"mobilenetv2-b{args.budget:.2f}"
+    out = args.root / (f"mobilenetv2-b{args.budget:.2f}" + "".join(f"-{kv}" for kv in args.finetune_set))
     if not (out / CONFIG).is_file():
-        finetune(conv, load_recipe(RECIPE, common, budget=args.budget), out, console=console)
+        finetune(conv, load_recipe(RECIPE, common + args.finetune_set, budget=args.budget), out, console=console)
     d = json.loads((out / CONFIG).read_text())["dynamize"]
     row = {"model": "mobilenetv2_100 (ImageNet weights)", "img_size": args.img_size, "budget": args.budget,
+           "finetune_set": args.finetune_set,
            "teacher_top1": d["teacher_eval"]["top1"], "top1": d["eval"]["top1"],
            "flops_mean": d["eval"]["flops_mean"], "flops_p95": d["eval"]["flops_p95"],
            "teacher_seconds": teacher_seconds, "finetune_seconds": time.time() - start}
