@@ -16,6 +16,7 @@ from timm.data import create_dataset, create_transform
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from .errors import DynamizeError
+from .export import write_file
 
 FASHION_MNIST = "fashion-mnist"
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -45,16 +46,19 @@ def _fashion_mnist_root(data_dir: Optional[Path]) -> Path:
                 raw.mkdir(parents=True, exist_ok=True)
                 for f in _FMNIST_FILES:
                     if not (raw / f).is_file():
-                        tmp = raw / f".{f}.tmp"
-                        opener = (lambda: open(base / f, "rb")) if (base / f).is_file() else (
-                            lambda: gzip.open(base / f"{f}.gz", "rb"))
-                        with opener() as fin, open(tmp, "wb") as fout:
-                            shutil.copyfileobj(fin, fout)
-                        os.replace(tmp, raw / f)
+                        src_file = base / f
+                        write_file(raw / f, lambda tmp: _unpack(src_file, tmp))
                 return root
     where = f"{data_dir} or {DEBIAN_FASHION_MNIST}" if data_dir else str(DEBIAN_FASHION_MNIST)
     raise DataError(f"Fashion-MNIST idx files not found in {where}; `apt-get install dataset-fashion-mnist` "
                     "(Debian) or pass --data-dir with the four idx(.gz) files")
+
+
+def _unpack(src: Path, dest: Path) -> None:
+    """Copy an idx file, gunzipping `src.gz` when only that exists (torchvision reads the unpacked files)."""
+    with (open(src, "rb") if src.is_file() else gzip.open(src.with_name(src.name + ".gz"), "rb")) as fin, \
+            open(dest, "wb") as fout:
+        shutil.copyfileobj(fin, fout)
 
 
 class _Images(Dataset):

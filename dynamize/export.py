@@ -29,8 +29,7 @@ def write_run(path: Union[str, Path], write: Callable[[Path], None]) -> Path:
         OutputError: `path` is a file, or its parent cannot be written.
     """
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise OutputError(f"output {path} exists and is not a directory; choose another -o")
+    check_output_dir(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a process killed mid-write
@@ -53,11 +52,28 @@ def write_run(path: Union[str, Path], write: Callable[[Path], None]) -> Path:
     return path
 
 
-def write_json(path: Path, obj: dict) -> None:
-    """Write JSON to `path` through a temporary file and a rename."""
+def write_file(path: Path, write: Callable[[Path], None]) -> None:
+    """Write one file through a temporary sibling and a rename, so no reader ever sees it half-written."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    write_file(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json(path: Path, obj: dict) -> None:
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def check_output_dir(path: Path) -> None:
+    """Raise an OutputError if `path` exists as something other than a directory."""
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"output {path} exists and is not a directory; choose another -o")
 
 
 def _timm_config(model: nn.Module, in_chans: int) -> dict:
@@ -82,13 +98,11 @@ def model_config(model: nn.Module, extra: Optional[dict] = None) -> dict:
 
 def _write_files(path: Path, state: Dict[str, torch.Tensor], config: dict) -> Path:
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise OutputError(f"output {path} exists and is not a directory; choose another -o")
+    check_output_dir(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        tmp = path / f".{WEIGHTS}.tmp"
-        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp))
-        os.replace(tmp, path / WEIGHTS)
+        write_file(path / WEIGHTS, lambda tmp: save_file({k: v.detach().contiguous() for k, v in state.items()},
+                                                         str(tmp)))
         write_json(path / CONFIG, config)
     except OSError as e:
         raise OutputError(f"cannot write {path} ({e.strerror}); choose another -o") from None

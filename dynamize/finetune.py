@@ -12,8 +12,7 @@ from torch import nn
 from torch.utils.data import Subset
 
 from . import __version__
-from .convert import apply_plan
-from .data import DataSpec, datasets, eval_dataset, loader, num_classes
+from .data import DataSpec, datasets, loader, num_classes
 from .distill import BudgetDistillationTask, budget_target, configure_gates
 from .errors import RunError
 from .evaluate import calibrate, evaluate
@@ -45,6 +44,11 @@ def _eval_loader(ds, recipe: Recipe):
     return loader(ds, 256)
 
 
+def _on_split(prefix: str, data):
+    """The per-epoch evaluation of the training loop: metrics on a held-out split, keys prefixed."""
+    return lambda model: {f"{prefix}_{k}": v for k, v in evaluate(model, data).items()}
+
+
 def train_base(recipe: Recipe, out: Path, resume: bool = False, console: Optional[Console] = None,
                init: Optional[Path] = None) -> dict:
     """Fit a plain timm model on the recipe's data (a teacher when no pretrained weights are at hand).
@@ -58,10 +62,9 @@ def train_base(recipe: Recipe, out: Path, resume: bool = False, console: Optiona
     model = create_base(recipe.model, num_classes=num_classes(train), in_chans=recipe.in_chans)
     if init is not None:
         load_backbone(model, read_state_dict(init))
-    calib_loader = loader(calib, 256)
     history = fit(ClassificationTask(model, criterion=nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing),
                                      verbose=False), model, train, recipe, out, resume=resume, ddp=ddp,
-                  console=console, evaluate=lambda m: {f"calib_{k}": v for k, v in evaluate(m, calib_loader).items()})
+                  console=console, evaluate=_on_split("calib", loader(calib, 256)))
     if not ddp.main:
         return {}
     result = {"eval": evaluate(model, _eval_loader(test, recipe)), "history": history}
@@ -103,11 +106,8 @@ def finetune(run: Path, recipe: Recipe, out: Path, resume: bool = False, console
     def on_step(progress: float) -> None:
         task.target = budget_target(progress, recipe.budget, recipe.anneal_fraction)
 
-    def per_epoch(model):
-        return {f"calib_{k}": v for k, v in evaluate(model, calib_loader).items()}
-
-    history = fit(task, student, train, recipe, out, resume=resume, evaluate=per_epoch, on_step=on_step, ddp=ddp,
-                  console=console)
+    history = fit(task, student, train, recipe, out, resume=resume, evaluate=_on_split("calib", calib_loader),
+                  on_step=on_step, ddp=ddp, console=console)
     if not ddp.main:
         return {}
     reached = history[-1].get("train_flops", 1.0)
@@ -139,7 +139,8 @@ def recalibrate(run: Path, budget: float, out: Path, data: Optional[str] = None,
     _, calib, test = datasets(_spec(recipe), recipe.calib_size, recipe.train_subset, recipe.seed)
     cal = calibrate(model, loader(calib, 256), budget)
     result = {"calibration": cal, "eval": evaluate(model, _eval_loader(test, recipe))}
-    save(model, out, {**config["dynamize"], "plan": model.plan.to_dict(), "budget": budget,
+    carried = {k: v for k, v in config["dynamize"].items() if k not in ("version", "plan")}
+    save(model, out, {**carried, "budget": budget,
                       "recipe": recipe.to_dict(), "parent": str(Path(run).resolve()), "calibration": cal,
                       "eval": result["eval"], "provenance": provenance()})
     return result

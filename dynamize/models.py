@@ -126,7 +126,7 @@ def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> None:
         state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
     try:
         model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as e:
+    except RuntimeError:
         own = model.state_dict()
         missing = [k for k in own if k not in state_dict]
         unexpected = [k for k in state_dict if k not in own]

@@ -2,20 +2,19 @@
 
 Each figure is saved under a temporary name and renamed, so a reader never sees half a PNG.
 """
-import os
 from pathlib import Path
 from typing import Dict, Sequence, Tuple
 
 import torch
 from matplotlib.figure import Figure
 
+from .export import write_file
+
 GRID = 16  # images per side of the cheapest / most expensive grid
 
 
 def _save(fig: Figure, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
+    write_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
 def flops_histogram(fractions: torch.Tensor, budget, title: str, path: Path) -> None:

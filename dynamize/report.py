@@ -6,7 +6,6 @@ report describes the deployed model, not the training-time one. Files are writte
 evaluated, each through a temporary name and a rename: bad input leaves nothing behind.
 """
 import datetime
-import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from . import __version__
 from .bench import bench, open_target
 from .data import DataError, DataSpec, eval_dataset, loader, num_classes
 from .errors import OutputError
-from .export import load, read_config, write_json
+from .export import load, read_config, write_json, write_text
 from .finetune import teacher_of
 from .flops import flops_per_image
 from .plan import GatePlan
@@ -317,9 +316,7 @@ def write_report(report: dict, evaluations: Sequence[RunEvaluation], out: Path) 
         for entry in report["runs"]:
             entry["plots"] = per_run.get(entry["name"], {})
         write_json(out / "report.json", report)
-        tmp = out / ".report.md.tmp"
-        tmp.write_text(render_markdown(report))
-        os.replace(tmp, out / "report.md")
+        write_text(out / "report.md", render_markdown(report))
     except OSError as e:
         raise OutputError(f"cannot write the report to {out} ({e.strerror}); choose another -o") from None
     return out

@@ -1,6 +1,5 @@
 """Where runs live: default output directories and finding the most recent run."""
 from pathlib import Path
-from typing import Optional
 
 from .errors import RunError
 from .export import CONFIG

@@ -5,7 +5,6 @@ directory and renaming it, so an interrupted run always finds a complete checkpo
 (seed, epoch) and the RNG states are saved, so a resumed run continues exactly where it stopped (with workers=0).
 """
 import json
-import math
 import os
 import random
 import signal
@@ -27,7 +26,7 @@ from torch import nn
 
 from .data import EpochSampler, loader
 from .errors import DynamizeError, RunError
-from .export import write_run
+from .export import write_run, write_text
 from .recipes import Recipe
 
 CHECKPOINT = Path("checkpoints") / "last"
@@ -281,6 +280,4 @@ def _stats_text(s: dict) -> str:
 
 def _rewrite_metrics(path: Path, history: List[dict]) -> None:
     """metrics.jsonl, one line per finished epoch, replaced atomically (a resumed run rewrites the same lines)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(row) + "\n" for row in history))

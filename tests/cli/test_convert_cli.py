@@ -1,7 +1,6 @@
 """`dynamize convert` / `inspect` through the real CLI entry point, good and bad input."""
 import json
 
-import pytest
 import timm
 import torch
 from safetensors.torch import save_file

@@ -1,6 +1,5 @@
 """Faults: a fine-tune killed with SIGKILL resumes to the same weights; Ctrl-C leaves a resumable checkpoint."""
 import json
-import os
 import signal
 import subprocess
 import sys

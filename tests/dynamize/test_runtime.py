@@ -2,7 +2,6 @@
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 
 import dynamize
 from conftest import randomize

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from timm.task import ClassificationTask
 
 import dynamize
-from conftest import make_image_folder, randomize
+from conftest import randomize
 from dynamize.data import DataSpec, datasets, loader
 from dynamize.distill import BudgetDistillationTask, budget_target, configure_gates
 from dynamize.evaluate import calibrate, mean_fraction
