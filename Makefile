@@ -1,9 +1,9 @@
-# Set-up is part of every target: a fresh clone needs only `make demo` or `make test`.
+# Set-up is part of every target: a fresh clone needs only `make demo`, `make test` or `make lint`.
 VENV := .venv
 PY := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test data
+.PHONY: demo test test-fast lint data
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -20,5 +20,14 @@ data:
 demo: $(VENV)/.installed data
 	$(VENV)/bin/dynamize demo
 
+# The whole suite (slow tests included: subprocesses, DDP, the architecture sweep).
 test: $(VENV)/.installed
 	$(PY) -m pytest
+
+# Everything but the tests marked slow: under a minute.
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -m "not slow"
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check dynamize dynamize_cli tests benchmarks
+	$(VENV)/bin/mypy dynamize

@@ -15,10 +15,10 @@ from rich.console import Console
 from rich.table import Table
 
 import dynamize
-from dynamize.export import CONFIG
-from dynamize.finetune import finetune, train_base
+from dynamize.io.runs import CONFIG
 from dynamize.models import create_base
-from dynamize.recipes import load_recipe
+from dynamize.training.jobs import finetune, train_base
+from dynamize.training.recipe import load_recipe
 
 RECIPE = "fashion-mnist-resnet18"
 

@@ -20,10 +20,10 @@ from rich.console import Console
 from safetensors.torch import save_file
 
 import dynamize
-from dynamize.export import CONFIG
-from dynamize.finetune import finetune, train_base
+from dynamize.io.runs import CONFIG
 from dynamize.models import create_base
-from dynamize.recipes import load_recipe
+from dynamize.training.jobs import finetune, train_base
+from dynamize.training.recipe import load_recipe
 
 RECIPE = "fashion-mnist-resnet18"
 

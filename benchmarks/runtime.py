@@ -14,7 +14,7 @@ import torch
 from rich.console import Console
 
 import dynamize
-from dynamize.bench import bench, open_target, write_results
+from dynamize.runtime.bench import bench, open_target, write_results
 from dynamize_cli.bench import results_table
 
 MODELS = ("resnet50", "mobilenetv3_large_100", "efficientnet_b0")
@@ -34,7 +34,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     console = Console(width=120)
-    console.print(f"dynamize {dynamize.__version__}, torch {torch.__version__}, {platform.processor() or platform.machine()}"
+    machine = platform.processor() or platform.machine()
+    console.print(f"dynamize {dynamize.__version__}, torch {torch.__version__}, {machine}"
                   f", {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d %H:%M')}")
     results = []
     for model in args.models:

@@ -1,10 +1,33 @@
-"""dynamize: make timm CNNs input-adaptive with LC-Net layer and channel gates."""
-__version__ = "0.1.0"
+"""dynamize: make timm CNNs input-adaptive with LC-Net layer and channel gates.
 
-from .convert import convert, plan_model
+The package is layered; each layer imports only from the ones before it (tests/test_layers.py checks this):
+errors, version -> models (timm) -> graph (trace, find, plan, gates, rewrite, cost) -> io (run directories)
+-> training | runtime -> reporting -> this module and the CLI.
+"""
+from torch import nn
+
 from .errors import DynamizeError
-from .export import load, save
-from .flops import flops_fraction
-from .plan import GatePlan
+from .graph import GatePlan, flops_fraction, plan_model
+from .graph import convert as _convert
+from .io import load as _load
+from .io import save
+from .runtime import use_runtime
+from .version import __version__
 
-__all__ = ["convert", "plan_model", "save", "load", "flops_fraction", "GatePlan", "DynamizeError", "__version__"]
+
+def convert(model: str | nn.Module, **kwargs) -> nn.Module:
+    """Insert L-Net and/or C-Net gates into a timm CNN (see `dynamize.graph.convert`).
+
+    The result is a copy of the timm model (same class API, same weight names plus the gates'); in `eval()` without
+    gradients it runs the fast runtime, which computes only the kept blocks and channels.
+    """
+    return use_runtime(_convert(model, **kwargs))
+
+
+def load(path) -> nn.Module:
+    """Rebuild a gated model from a run directory (see `dynamize.io.load`), with the fast runtime for inference."""
+    return use_runtime(_load(path))
+
+
+__all__ = ["convert", "plan_model", "save", "load", "flops_fraction", "use_runtime", "GatePlan", "DynamizeError",
+           "__version__"]

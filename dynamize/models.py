@@ -3,7 +3,6 @@ import contextlib
 import difflib
 import socket
 from pathlib import Path
-from typing import Dict, Optional, Union
 
 import timm
 import torch
@@ -23,7 +22,7 @@ def check_model_name(name: str) -> None:
     raise ModelError(f"timm has no model named {name!r}{hint}")
 
 
-def create_base(name: str, *, pretrained: bool = False, checkpoint: Optional[Union[str, Path]] = None,
+def create_base(name: str, *, pretrained: bool = False, checkpoint: str | Path | None = None,
                 **kwargs) -> nn.Module:
     """Create a timm model, with timm's pretrained weights or a user checkpoint.
 
@@ -67,7 +66,7 @@ def _offline_unless_hub_reachable(timeout: float = 3.0):
         hub.HF_HUB_OFFLINE = saved
 
 
-def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a plain state dict from .safetensors, or from .pth/.pt with torch's weights_only loader (no code runs).
 
     Raises:
@@ -101,7 +100,7 @@ def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
     return obj
 
 
-def load_backbone(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> None:
+def load_backbone(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
     """Load weights for transfer learning: strict, except a classifier of another size, which stays as initialised.
 
     Raises:
@@ -116,7 +115,7 @@ def load_backbone(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> None
     load_weights(model, state_dict)
 
 
-def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> None:
+def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
     """Load a state dict strictly, accepting the `module.` prefix that DDP adds.
 
     Raises:

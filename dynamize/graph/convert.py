@@ -1,0 +1,194 @@
+"""`dynamize.convert`: a timm model in, the same model with L-Net / C-Net gates out; `plan_model` decides where."""
+import copy
+import math
+
+import torch
+from timm.data import resolve_model_data_config
+from torch import fx, nn
+
+from ..errors import ModelError
+from ..models import create_base
+from .cost import gate_flops, node_flops, pool_flops
+from .find import Block, Graph, Group, find_blocks, find_groups, is_residual_add, owner
+from .gates import gate_hidden
+from .plan import GATE_KINDS, BlockSite, ChannelGroup, CostItem, GatePlan, Skipped
+from .rewrite import rewrite
+from .trace import check_cnn, node_shape, trace
+from .units import assign_units, common_unit, crosses_blocks, is_within
+
+# A group outside every residual branch keeps at least this share of its channels: with no shortcut around it,
+# an image that dropped all of them would lose the signal (mobile nets' stride-2 blocks, plain VGG-style stacks).
+MIN_KEEP_SHARE = 0.25
+
+_SUPPORTED = ("timm CNNs: ResNet/ResNeXt/SE-ResNet, RegNet, MobileNet, EfficientNet, MixNet, GhostNet, ReXNet, DLA, "
+              "CSP nets, HRNet, DenseNet, VGG, ConvNeXt, ...")
+_CROSSES = ("runs from one block into a later stage (a projection): gating it would fold the residual blocks "
+            "between into one unit; left ungated")
+_TOP_LEVEL = "spans the model's top-level modules (a stem into the first block): left ungated to keep the timm model"
+
+
+def architecture_of(model: nn.Module) -> str:
+    """timm's name for a model instance."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    name = cfg.get("architecture")
+    if not name:
+        raise ModelError(f"{type(model).__name__} was not built by timm.create_model; pass a timm model name")
+    return name
+
+
+def _trace_at_size(model: nn.Module, img_size: int | None) -> tuple[fx.GraphModule, list[int]]:
+    """Trace at timm's default input size (or `img_size` square), finding the input channels that run.
+
+    timm's config says 3 channels whatever `in_chans` was; the first convolution usually says the truth, but a
+    space-to-depth stem (TResNet) multiplies it, so a few candidates are tried.
+    """
+    _, h, w = resolve_model_data_config(model)["input_size"]
+    if img_size:
+        h = w = img_size
+    first = next(m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d))
+    candidates = list(dict.fromkeys(c for c in (first, 3, 1, first // 16, first // 4) if c > 0))
+    error = None
+    for c in candidates:
+        try:
+            return trace(model, (c, h, w)), [c, h, w]
+        except ModelError as e:
+            error = error or e
+    raise error
+
+
+def plan_model(model: nn.Module, *, gates: str = "both", img_size: int | None = None,
+               min_keep_share: float = MIN_KEEP_SHARE) -> GatePlan:
+    """Analyse a timm model and return its GatePlan without changing it.
+
+    Args:
+        model: a model built by `timm.create_model`.
+        gates: "both" (LC-Net), "layer" (L-Net only) or "channel" (C-Net only).
+        img_size: square input size to count FLOPs at; default: the model's pretrained input size.
+        min_keep_share: share of channels a group with no shortcut around it always keeps.
+
+    Raises:
+        ModelError: the model cannot be traced, or has nothing to gate.
+    """
+    if gates not in GATE_KINDS:
+        raise ModelError(f"--gates must be one of {', '.join(GATE_KINDS)}, not {gates!r}")
+    arch = architecture_of(model)
+    check_cnn(model)
+    model = copy.deepcopy(model).eval()
+    gm, size = _trace_at_size(model, img_size)
+    flops = node_flops(gm, size)
+    g = Graph(gm)
+    plan = GatePlan(architecture=arch, gates=gates, input_size=size, total_flops=sum(flops.values()))
+
+    blocks, plan.skipped = find_blocks(g)
+    groups, skipped_groups = find_groups(g, blocks)
+    if gates in ("both", "layer") and not any(is_residual_add(n) for n in g.nodes):
+        plan.skipped.append(Skipped("block", arch, "no residual adds: channel gates only"))
+    if gates == "layer":
+        groups = []
+    else:
+        plan.skipped += skipped_groups
+        swallowing = [gr for gr in groups if _swallows_blocks(model, gr, blocks)]
+        plan.skipped += [Skipped("group", owner(gr.producer), _CROSSES) for gr in swallowing]
+        groups = [gr for gr in groups if gr not in swallowing]
+    gated_blocks: list[Block] = [] if gates == "channel" else blocks
+    sites = [[b.add, *b.region] for b in gated_blocks] + [_changed(gr) for gr in groups]
+    units = assign_units(model, gm, torch.zeros(1, *size), sites)
+    block_units, group_units = units[:len(gated_blocks)], units[len(gated_blocks):]
+    plan.none_args = {u.path: u.none_args for u in units if u is not None and u.none_args}
+
+    names: set = set()
+    block_names = {}
+    for b, unit in zip(gated_blocks, block_units):
+        if unit is None:
+            plan.skipped.append(Skipped("block", owner(b.add), _TOP_LEVEL))
+            continue
+        entries = unit.entries(b.region)  # the branch's input as the unit sees it (maybe one of its arguments)
+        if len(entries) != 1:
+            plan.skipped.append(Skipped("block", owner(b.add), "its branch reads two of its module's arguments"))
+            continue
+        (fork,) = entries
+        add, out = unit.own[b.add], unit.own[b.out]
+        shortcut = add.args[1] if add.args[0] is out else add.args[0]
+        name = block_names[id(b)] = _unique(owner(b.add), names)
+        c = node_shape(b.fork)[1]
+        hidden = gate_hidden(c)
+        plan.blocks.append(BlockSite(
+            name=name, unit=unit.path, add=add.name, fork=fork.name, branch_out=out.name,
+            shortcut=shortcut.name, branch_nodes=[unit.name(n) for n in g.nodes if n in b.region],
+            channels=c, hidden=hidden, flops=sum(flops.get(n.name, 0) for n in b.region),
+            gate_flops=gate_flops(c, 1, hidden), pool_flops=pool_flops(node_shape(b.fork))))
+
+    group_names = {}
+    for gr, unit in zip(groups, group_units):
+        if unit is None:
+            plan.skipped.append(Skipped("group", owner(gr.producer), _TOP_LEVEL))
+            continue
+        name = group_names[id(gr)] = _unique(owner(gr.producer), names)
+        in_ch = node_shape(gr.gate_input)[gr.axis]
+        hidden = gate_hidden(in_ch)
+        plan.groups.append(ChannelGroup(
+            name=name, unit=unit.path, producer=unit.name(gr.producer), gate_input=unit.own[gr.producer].args[0].name,
+            gate_after=unit.name(gr.end), members=[unit.name(n) for n in gr.members],
+            sinks=[unit.name(n) for n in gr.sinks], channels=gr.channels, in_channels=in_ch, axis=gr.axis,
+            hidden=hidden, block=block_names.get(id(gr.block)), flops=sum(flops.get(n.name, 0) for n in
+                                                                          gr.members + gr.sinks),
+            gate_flops=gate_flops(in_ch, gr.channels, hidden), pool_flops=pool_flops(node_shape(gr.gate_input)),
+            min_keep=0 if gr.block is not None else max(1, math.ceil(min_keep_share * gr.channels))))
+
+    block_of = {n: block_names[id(b)] for b in gated_blocks if id(b) in block_names for n in b.region}
+    scaled_by = {}
+    for gr in groups:
+        if id(gr) in group_names:
+            for n in gr.members + gr.sinks:
+                scaled_by.setdefault(n, []).append(group_names[id(gr)])
+    plan.costs = [CostItem(node=n.name, flops=flops[n.name], block=block_of.get(n), groups=scaled_by.get(n, []))
+                  for n in g.nodes if flops.get(n.name)]
+    if not plan.blocks and not plan.groups:
+        raise ModelError(f"{arch} has nothing dynamize can gate with --gates {gates}: no residual conv blocks or "
+                         "convolution channel groups visible to torch.fx (timm may mark its blocks as not traceable)"
+                         f"; supported: {_SUPPORTED}")
+    return plan
+
+
+def _swallows_blocks(model: nn.Module, group: Group, blocks: list[Block]) -> bool:
+    """A group that runs from one block into another, across residual blocks that would then share its unit."""
+    if not crosses_blocks(model, group.producer, _changed(group)):
+        return False
+    unit = common_unit(_changed(group))
+    return any(is_within(common_unit([b.add, *b.region]), unit) for b in blocks)
+
+
+def _changed(group: Group) -> list[fx.Node]:
+    return [group.producer, *group.members, *group.sinks, *group.frontier]
+
+
+def _unique(name: str, used: set) -> str:
+    base, i = name, 1
+    while name in used:
+        i += 1
+        name = f"{base}#{i}"
+    used.add(name)
+    return name
+
+
+def convert(model: str | nn.Module, *, gates: str = "both", img_size: int | None = None,
+            min_keep_share: float = MIN_KEEP_SHARE, **timm_kwargs) -> nn.Module:
+    """Insert L-Net and/or C-Net gates into a timm CNN.
+
+    Args:
+        model: a timm model name, or a model built by `timm.create_model` (not modified).
+        gates: "both" (LC-Net), "layer" (L-Net only) or "channel" (C-Net only).
+        img_size: square input size to count FLOPs at; default: the model's pretrained input size.
+        min_keep_share: share of channels a group with no shortcut around it always keeps.
+        **timm_kwargs: passed to `timm.create_model` when `model` is a name (e.g. num_classes, in_chans).
+
+    Returns:
+        A copy of the timm model with gates (a `DynamicNet`, with `.plan`); with its initial open gates it returns
+        what the original returned.
+    """
+    if isinstance(model, str):
+        model = create_base(model, **timm_kwargs)
+    elif timm_kwargs:
+        raise TypeError("timm keyword arguments apply only when `model` is a name")
+    return rewrite(model, plan_model(model, gates=gates, img_size=img_size, min_keep_share=min_keep_share))
+

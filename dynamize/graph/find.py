@@ -1,0 +1,235 @@
+"""Find the residual blocks and channel groups of a traced model. Reads the graph; never changes it.
+
+See docs/architecture.md for the rules. In short: a residual block is an add whose one operand is computed from
+the other operand's source x by a single-entry branch that contains convolutions; a channel group is the output
+of a convolution that reaches only other convolutions through per-channel operations (the op table, `ops.py`).
+"""
+from dataclasses import dataclass, field
+
+from torch import fx, nn
+
+from . import ops
+from .ops import Role
+from .plan import Skipped
+from .trace import node_shape
+
+
+@dataclass
+class Block:
+    """A residual add `shortcut + F(x)` found in the whole-model graph."""
+    add: fx.Node
+    fork: fx.Node
+    out: fx.Node
+    shortcut: fx.Node
+    region: set[fx.Node]
+
+
+@dataclass
+class Group:
+    """A channel group found in the whole-model graph: a producer, its per-channel chain, and the layers it feeds."""
+    producer: fx.Node
+    members: list[fx.Node]
+    sinks: list[fx.Node]
+    channels: int
+    axis: int
+    block: Block | None = None
+    frontier: list[fx.Node] = field(default_factory=list)
+
+    @property
+    def end(self) -> fx.Node:
+        """The last node of the per-channel chain: the gate scales the channels here."""
+        return self.members[-1]
+
+    @property
+    def gate_input(self) -> fx.Node:
+        """The producer's input: the C-Net decides before the producer runs."""
+        return self.producer.args[0]
+
+
+def owner(node: fx.Node) -> str:
+    """The innermost module a node was created in (its own module for `call_module` nodes)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else node.name
+
+
+def is_residual_add(node: fx.Node) -> bool:
+    """An add of two tensor nodes of the same 4-D shape."""
+    if not ops.is_add(node) or node.kwargs or len(node.args) != 2:
+        return False
+    if not all(isinstance(a, fx.Node) for a in node.args):
+        return False
+    a, b = (node_shape(x) for x in node.args)
+    return a is not None and a == b and len(a) == 4
+
+
+class Graph:
+    """Reachability helpers over one traced graph."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.nodes = list(gm.graph.nodes)
+        self.order = {n: i for i, n in enumerate(self.nodes)}
+        self._ancestors: dict[fx.Node, set[fx.Node]] = {}
+
+    def ancestors(self, node: fx.Node) -> set[fx.Node]:
+        if node not in self._ancestors:
+            seen, stack = set(), list(node.all_input_nodes)
+            while stack:
+                n = stack.pop()
+                if n not in seen:
+                    seen.add(n)
+                    stack.extend(n.all_input_nodes)
+            self._ancestors[node] = seen
+        return self._ancestors[node]
+
+    def owned_region(self, out: fx.Node) -> tuple[set[fx.Node], set[fx.Node]]:
+        """The nodes used only to compute `out`, and the region's inputs."""
+        region = {out}
+        for n in sorted(self.ancestors(out), key=self.order.get, reverse=True):
+            if n.op != "placeholder" and n.users and all(u in region for u in n.users):
+                region.add(n)
+        entries = {i for n in region for i in n.all_input_nodes if i not in region and i.op != "get_attr"}
+        return region, entries
+
+    def count_convs(self, nodes) -> int:
+        return sum(ops.is_conv(ops.module_of(self.gm, n)) for n in nodes)
+
+
+def find_blocks(g: Graph) -> tuple[list[Block], list[Skipped]]:
+    """Residual blocks, and the adds that were rejected with the reason."""
+    blocks: list[Block] = []
+    skipped: list[Skipped] = []
+    taken: set[fx.Node] = set()
+    for add in g.nodes:
+        if not is_residual_add(add):
+            continue
+        best = None
+        for out, other in (add.args, add.args[::-1]):
+            if len(out.users) != 1:
+                continue
+            region, entries = g.owned_region(out)
+            if len(entries) != 1:
+                continue
+            (fork,) = entries
+            if other is not fork and fork not in g.ancestors(other):
+                continue
+            n_convs = g.count_convs(region)
+            shortcut_nodes = (g.ancestors(other) | {other}) - g.ancestors(fork) - {fork}
+            if n_convs == 0 or g.count_convs(shortcut_nodes) > 1 or g.count_convs(shortcut_nodes) >= n_convs:
+                continue
+            if best is None or n_convs > best[1]:
+                best = (Block(add, fork, out, other, region), n_convs)
+        if best is None:
+            skipped.append(Skipped("block", owner(add), "a sum of branches, not `shortcut(x) + F(x)`"))
+            continue
+        block = best[0]
+        if block.region & taken or any(b.add in block.region for b in blocks):
+            skipped.append(Skipped("block", owner(add), "nested inside another residual block"))
+            continue
+        taken |= block.region
+        blocks.append(block)
+    return blocks, skipped
+
+
+def _channels(node: fx.Node, axis: int) -> int | None:
+    shape = node_shape(node)
+    return shape[axis] if shape is not None and len(shape) == 4 else None
+
+
+def _passes_channels(g: Graph, node: fx.Node, axis: int, channels: int, roles: tuple[Role, ...]) -> bool:
+    """True if `node` has one of `roles`, reads one tensor and keeps the channel count."""
+    return (_channels(node, axis) == channels and len(node.all_input_nodes) == 1
+            and ops.role(g.gm, node, axis) in roles)
+
+
+def _is_sink(g: Graph, node: fx.Node, src: fx.Node, axis: int, channels: int) -> bool:
+    """True if `node` is a layer reading the group's channels as its input features."""
+    m = ops.module_of(g.gm, node)
+    if node.args[0] is not src or ops.role(g.gm, node, axis) is not Role.LAYER:
+        return False
+    return (m.in_channels if axis == 1 else m.in_features) == channels
+
+
+def _why_not(g: Graph, node: fx.Node) -> str:
+    if ops.is_add(node):
+        return "feeds a residual add"
+    if node.op == "call_function" and node.target in ops.CONCAT_FUNCTIONS:
+        return "feeds a concat"
+    if node.op == "output":
+        return "is a model output"
+    m = ops.module_of(g.gm, node)
+    if ops.is_conv(m) and m.groups > 1:
+        return "feeds a grouped convolution"
+    if ops.is_conv(m) and m.padding_mode != "zeros":
+        return f"feeds a convolution with {m.padding_mode} padding"
+    if isinstance(m, nn.Linear) or (m is None and "flatten" in str(node.target)):
+        return "feeds the classifier"
+    return f"feeds `{node.name}`, which mixes channels"
+
+
+def _follow(g: Graph, producer: fx.Node, axis: int) -> tuple[Group | None, str | None]:
+    """Follow a producer's output through per-channel ops to the layers that read it."""
+    channels = _channels(producer, axis)
+    members = [producer]
+    while len(members[-1].users) == 1:
+        nxt = next(iter(members[-1].users))
+        if not _passes_channels(g, nxt, axis, channels, (Role.ELEMENTWISE, Role.CHANNELWISE)):
+            break
+        members.append(nxt)
+    sinks: list[fx.Node] = []
+    frontier: list[fx.Node] = []
+    stack, seen = [members[-1]], set()
+    while stack:
+        src = stack.pop()
+        for u in src.users:
+            if u in seen:
+                continue
+            seen.add(u)
+            if _is_sink(g, u, src, axis, channels):
+                sinks.append(u)
+                continue
+            r = ops.role(g.gm, u, axis)
+            keeps = _channels(u, axis) == channels
+            if (r is Role.ELEMENTWISE and keeps and len(u.all_input_nodes) == 1) or r is Role.SQUEEZE:
+                frontier.append(u)
+                stack.append(u)
+            elif r is Role.RESCALE and keeps:
+                frontier.append(u)  # squeeze-excite rescaling of the group's own channels
+                stack.append(u)
+            else:
+                return None, _why_not(g, u)
+    if not sinks:
+        return None, "reaches no convolution"
+    return Group(producer, members, sinks, channels, axis, frontier=frontier), None
+
+
+def _producers(g: Graph):
+    for n in g.nodes:
+        shape = node_shape(n) or ()
+        if ops.role(g.gm, n, 1) is Role.LAYER:
+            yield n, 1
+        elif len(shape) == 4 and ops.role(g.gm, n, -1) is Role.LAYER:
+            yield n, -1
+
+
+def find_groups(g: Graph, blocks: list[Block]) -> tuple[list[Group], list[Skipped]]:
+    """Channel groups, each tagged with the residual block whose branch holds it, and the convs rejected."""
+    block_of = {n: b for b in blocks for n in b.region}
+    groups: list[Group] = []
+    skipped: list[Skipped] = []
+    for producer, axis in _producers(g):
+        name = owner(producer)
+        if axis == 1 and node_shape(producer)[2:] == (1, 1):
+            skipped.append(Skipped("group", name, "works on a 1x1 map (squeeze-excite or head): too small"))
+            continue
+        group, reason = _follow(g, producer, axis)
+        if group is None:
+            skipped.append(Skipped("group", name, reason))
+            continue
+        block = block_of.get(producer)
+        if any(block_of.get(n) is not block for n in group.members + group.sinks + group.frontier):
+            skipped.append(Skipped("group", name, "crosses a residual block boundary"))
+            continue
+        group.block = block
+        groups.append(group)
+    return groups, skipped

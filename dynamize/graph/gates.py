@@ -1,0 +1,182 @@
+"""The L-Net and C-Net gates, and the residual wrapper that skips a branch for real.
+
+Both gates are the same small network on a pooled feature: Linear -> LayerNorm -> ReLU -> Linear, giving per unit a
+keep logit and a scale. An L-Net has one unit (its block); a C-Net has one unit per channel of its group. The pooling
+is a node of its own (`GatePool`) so that gates reading the same tensor share it. Gates start open with scale 1, so
+that a converted model computes exactly what the original computed.
+"""
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+# Initial keep logit: open gates, with a small chance (sigmoid(-3) ~ 5%) that training noise explores a skip.
+OPEN_LOGIT = 3.0
+
+
+def gate_hidden(in_channels: int) -> int:
+    """Width of a gate's hidden layer: small next to the layers it controls."""
+    return max(8, min(64, in_channels // 4))
+
+
+class GatePool(nn.Module):
+    """Global average pooling of a gate's input: [N, C, H, W] -> [N, C] (or [N, H, W, C] for channels-last)."""
+
+    def __init__(self, axis: int = 1):
+        super().__init__()
+        self.axis = axis
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3)) if self.axis == 1 else x.mean((1, 2))
+
+
+class Gate(nn.Module):
+    """Predicts, per image, which of `units` to keep and how to scale each kept one.
+
+    Training uses a straight-through Gumbel-sigmoid: hard 0/1 decisions in the forward pass (soft decisions that are
+    rounded only at test time lose most of the accuracy), sigmoid gradients in the backward pass. The logistic noise
+    is scaled by `noise` and the sigmoid sharpened by `tau`, both annealed by the training schedule so that the
+    decisions of late training are the deterministic ones of inference. Evaluation is hard: keep where
+    logit > threshold. `threshold` is a buffer so that calibration can move it, and `active` a buffer so that a gate
+    that was not trained stays open after save and load.
+
+    Attributes:
+        tau: temperature of the relaxed decision (its gradient); <= 1 works best.
+        noise: scale of the logistic noise in training (1: Gumbel-sigmoid; 0: deterministic).
+        forced: if set, a 0/1 tensor broadcastable to [batch, units] that replaces the decisions.
+        last_keep: the decisions of the last forward pass, [batch, units], differentiable in training.
+        last_soft: the relaxed keep probabilities of the last training pass, [batch, units], for the losses that
+            shape the decisions; None in evaluation.
+    """
+
+    def __init__(self, in_channels: int, units: int, hidden: int, min_keep: int = 0):
+        super().__init__()
+        self.units, self.min_keep = units, min_keep
+        self.mlp = nn.Sequential(nn.Linear(in_channels, hidden), nn.LayerNorm(hidden), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden, 2 * units))
+        nn.init.zeros_(self.mlp[-1].weight)
+        with torch.no_grad():
+            self.mlp[-1].bias[:units] = OPEN_LOGIT
+            self.mlp[-1].bias[units:] = 0.0
+        self.register_buffer("threshold", torch.zeros(()))
+        self.register_buffer("active", torch.ones((), dtype=torch.bool))
+        self.tau = 1.0
+        self.noise = 1.0
+        self.forced: torch.Tensor | None = None
+        self.last_keep: torch.Tensor | None = None
+        self.last_soft: torch.Tensor | None = None
+
+    @property
+    def is_active(self) -> bool:
+        return bool(self.active)
+
+    def logits(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep logits and scales, each [batch, units], from the pooled gate input."""
+        logit, delta = self.mlp(pooled).split(self.units, dim=1)
+        return logit, 1.0 + delta
+
+    def forward(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decisions (0/1) and scales, each [batch, units]."""
+        n = pooled.shape[0]
+        self.last_soft = None
+        if not self.is_active:
+            keep = pooled.new_ones(n, self.units)
+            self.last_keep = keep
+            return keep, keep
+        logit, scale = self.logits(pooled)
+        if self.forced is not None:
+            keep = self.forced.to(logit.dtype).expand(n, self.units)
+        elif self.training:
+            u = torch.rand_like(logit).clamp_(1e-6, 1 - 1e-6)
+            soft = torch.sigmoid((logit - self.threshold + self.noise * (torch.log(u) - torch.log1p(-u))) / self.tau)
+            hard = self._at_least_min_keep(soft > 0.5, logit)
+            keep = hard.to(soft.dtype) + soft - soft.detach()
+            self.last_soft = soft
+        else:
+            keep = self._at_least_min_keep(logit > self.threshold, logit).to(logit.dtype)
+        self.last_keep = keep
+        return keep, scale
+
+    def _at_least_min_keep(self, keep: torch.Tensor, logit: torch.Tensor) -> torch.Tensor:
+        """Keep the `min_keep` units with the largest logits whatever the threshold says."""
+        if not self.min_keep:
+            return keep
+        top = logit.topk(self.min_keep, dim=1).indices
+        return keep.scatter(1, top, True)
+
+
+class ChannelGate(nn.Module):
+    """C-Net: scales the channels of its group, zeroing the dropped ones, from a decision made on the group input."""
+
+    def __init__(self, in_channels: int, channels: int, hidden: int, axis: int = 1, min_keep: int = 0):
+        super().__init__()
+        self.axis = axis
+        self.gate = Gate(in_channels, channels, hidden, min_keep)
+
+    def forward(self, pooled: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        keep, scale = self.gate(pooled)
+        mult = keep * scale
+        shape = (mult.shape[0], -1, 1, 1) if self.axis == 1 else (mult.shape[0], 1, 1, -1)
+        return x * mult.reshape(shape)
+
+
+class GatedResidual(nn.Module):
+    """L-Net around an outlined residual branch: returns ``shortcut + keep * scale * branch(x, *extra)``.
+
+    In evaluation, images whose block is skipped never enter the branch: the branch runs on the images that keep it
+    (gathered and scattered back), and not at all if none does. The branch is set by the unit that owns this gate
+    (it runs the unit's own layers) and is not a submodule, so the layers keep their timm names.
+    """
+
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.gate = Gate(channels, 1, hidden)
+        self.branch: Callable[..., torch.Tensor] | None = None
+
+    def set_branch(self, branch: Callable[..., torch.Tensor]) -> None:
+        """Run `branch` as the residual branch (kept out of the submodules: its layers belong to the unit)."""
+        self.__dict__["branch"] = branch
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["branch"] = None  # a copy runs the copied unit's layers: the unit sets it again
+        return state
+
+    def forward(self, x: torch.Tensor, shortcut: torch.Tensor, pooled: torch.Tensor, *extra) -> torch.Tensor:
+        keep, scale = self.gate(pooled)
+        if self.training:
+            return shortcut + (keep * scale).reshape(-1, 1, 1, 1) * self.branch(x, *extra)
+        idx = keep[:, 0].nonzero()[:, 0]
+        if idx.numel() == x.shape[0]:
+            return shortcut + scale.reshape(-1, 1, 1, 1) * self.branch(x, *extra)
+        if idx.numel():
+            out = shortcut.clone()
+            out[idx] += scale[idx].reshape(-1, 1, 1, 1) * self._branch_on(x, extra, idx)
+        else:
+            out = shortcut
+        self._scatter_inner_decisions(idx, x.shape[0])
+        return out
+
+    def _inner_gates(self):
+        return [m for m in self.branch.modules() if isinstance(m, Gate)] if isinstance(self.branch, nn.Module) else []
+
+    def _branch_on(self, x: torch.Tensor, extra, idx: torch.Tensor) -> torch.Tensor:
+        """The branch on the images `idx` of x; per-image forced decisions of its channel gates follow the images."""
+        inner = [m for m in self._inner_gates() if m.forced is not None and m.forced.dim() == 2
+                 and m.forced.shape[0] == x.shape[0] > 1]
+        saved = [m.forced for m in inner]
+        for m in inner:
+            m.forced = m.forced[idx]
+        try:
+            return self.branch(x[idx], *(e[idx] for e in extra))
+        finally:
+            for m, forced in zip(inner, saved):
+                m.forced = forced
+
+    def _scatter_inner_decisions(self, idx: torch.Tensor, batch: int) -> None:
+        """Give the branch's channel gates full-batch decisions (zero where the branch was skipped)."""
+        for m in self._inner_gates():
+            full = torch.zeros(batch, m.units, device=idx.device)
+            if idx.numel() and m.last_keep is not None:
+                full[idx] = m.last_keep
+            m.last_keep = full

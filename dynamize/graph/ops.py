@@ -1,0 +1,121 @@
+"""The op table: how each kind of graph node treats channels.
+
+One table, read by the analysis (which ops a channel group may pass through), the FLOPs accounting (which nodes
+scale with a group's kept channels) and the runtime (how to run each op on the kept channels only). A new
+per-channel op is added here, once; the runtime maps each role to one implementation.
+"""
+import enum
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+
+class Role(enum.Enum):
+    """What an op does to the channels of the one tensor it reads."""
+
+    ELEMENTWISE = "elementwise"  # each value on its own, no parameters: activations, dropout, pooling
+    CHANNELWISE = "channelwise"  # per-channel parameters: an evaluation-mode BatchNorm, a depthwise convolution
+    LAYER = "layer"  # mixes channels: a full convolution, or a Linear over a channels-last 4-D tensor
+    SQUEEZE = "squeeze"  # spatial mean with kept dims: the squeeze of squeeze-excite
+    RESCALE = "rescale"  # x * s with s per channel: the excite of squeeze-excite
+
+
+ELEMENTWISE_FUNCTIONS = frozenset({
+    F.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu, F.mish, F.hardtanh,
+    F.dropout, F.max_pool2d, F.avg_pool2d, torch.relu, torch.sigmoid, torch.tanh,
+})
+ELEMENTWISE_METHODS = frozenset({"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "contiguous"})
+ELEMENTWISE_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.MaxPool2d, nn.AvgPool2d, nn.ReLU, nn.ReLU6, nn.SiLU,
+                       nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Mish,
+                       nn.Hardtanh)
+ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+ADD_METHODS = ("add", "add_")
+MUL_FUNCTIONS = (operator.mul, torch.mul)
+CONCAT_FUNCTIONS = (torch.cat, torch.concat)
+
+
+def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    """The module a `call_module` node calls, else None."""
+    return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def is_conv(m: nn.Module | None) -> bool:
+    return isinstance(m, nn.Conv2d)
+
+
+def is_full_conv(m: nn.Module | None) -> bool:
+    """A convolution over all input channels whose filters the runtime can slice (zero padding)."""
+    return isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros"
+
+
+def is_depthwise(m: nn.Module | None) -> bool:
+    """A depthwise convolution: one filter per channel, so it can run on any subset of channels."""
+    return (isinstance(m, nn.Conv2d) and m.groups == m.in_channels == m.out_channels and m.groups > 1
+            and m.padding_mode == "zeros")
+
+
+def is_running_batchnorm(m: nn.Module | None) -> bool:
+    """A BatchNorm that normalises with running statistics in evaluation, optionally with timm's fused act."""
+    if not isinstance(m, nn.modules.batchnorm._BatchNorm) or m.running_mean is None:
+        return False
+    act = getattr(m, "act", None)
+    return act is None or is_elementwise_module(act)
+
+
+def is_elementwise_module(m: nn.Module) -> bool:
+    if isinstance(m, ELEMENTWISE_MODULES):
+        return True
+    # timm's own activation layers (Swish, HardSwish, GELU, ...) are elementwise by construction.
+    return type(m).__module__.startswith("timm.layers.activations") and next(m.parameters(), None) is None
+
+
+def is_squeeze(node: fx.Node) -> bool:
+    """A spatial mean with kept dims (`x.mean((2, 3), keepdim=True)`), the first step of squeeze-excite."""
+    if node.op == "call_method" and node.target == "mean":
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keepdim = node.kwargs.get("keepdim") or (len(node.args) > 2 and node.args[2])
+        return tuple(dims or ()) == (2, 3) and bool(keepdim)
+    return False
+
+
+def is_mul(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in MUL_FUNCTIONS and len(node.args) == 2
+
+
+def is_add(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target in ADD_FUNCTIONS:
+        return True
+    return node.op == "call_method" and node.target in ADD_METHODS
+
+
+def role(gm: fx.GraphModule, node: fx.Node, axis: int = 1) -> Role | None:
+    """The role of `node` for a channel group whose channel axis is `axis`, or None if it mixes channels.
+
+    CHANNELWISE and SQUEEZE apply to NCHW groups (axis 1) only; channels-last groups (ConvNeXt's MLP) pass only
+    through elementwise ops between their linears.
+    """
+    m = module_of(gm, node)
+    if m is not None:
+        if is_elementwise_module(m):
+            return Role.ELEMENTWISE
+        if axis == 1 and (is_running_batchnorm(m) or is_depthwise(m)):
+            return Role.CHANNELWISE
+        if is_full_conv(m) and axis == 1:
+            return Role.LAYER
+        if isinstance(m, nn.Linear) and axis == -1:
+            return Role.LAYER
+        return None
+    if node.op == "call_function":
+        if node.target in ELEMENTWISE_FUNCTIONS:
+            return Role.ELEMENTWISE
+        if is_mul(node):
+            return Role.RESCALE
+        return None
+    if node.op == "call_method":
+        if node.target in ELEMENTWISE_METHODS:
+            return Role.ELEMENTWISE
+        if axis == 1 and is_squeeze(node):
+            return Role.SQUEEZE
+    return None

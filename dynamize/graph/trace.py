@@ -1,0 +1,89 @@
+"""Timm-aware torch.fx tracing with shape propagation.
+
+Tracing honours timm's no-trace registries so that every architecture timm can trace is traceable here, and
+treats whole convolutions, norms and activations as leaves: those are the units that gates scale or skip.
+"""
+from collections.abc import Sequence
+
+import torch
+from timm.layers import get_notrace_functions, get_notrace_modules
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from ..errors import ModelError
+
+# Leaves are the units the plan reasons about; timm subclasses them (Conv2dSame, BatchNormAct2d, ...).
+_LEAF_TYPES = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+class TimmTracer(fx.Tracer):
+    """A tracer that keeps timm's no-trace modules and functions, and gate-relevant layers, as leaves."""
+
+    def __init__(self):
+        super().__init__(autowrap_functions=tuple(f for f in get_notrace_functions() if callable(f)))
+        self._notrace = tuple(get_notrace_modules())
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, _LEAF_TYPES) or (self._notrace and isinstance(m, self._notrace)):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def symbolic_trace(module: nn.Module, none_args: Sequence[str] = ()) -> fx.GraphModule:
+    """Trace a module with `TimmTracer`, without dead code. The same module code always gives the same node names.
+
+    Args:
+        none_args: forward arguments fixed to None while tracing (a block called without its optional shortcut).
+
+    Raises:
+        ModelError: the module has data-dependent control flow that torch.fx cannot follow.
+    """
+    tracer = TimmTracer()
+    try:
+        graph = tracer.trace(module, concrete_args={name: None for name in none_args} or None)
+    except Exception as e:  # torch.fx raises plain TraceError/TypeError/etc. for untraceable code
+        raise ModelError(
+            f"{type(module).__name__} cannot be traced by torch.fx ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:120]}); dynamize supports timm CNNs that timm itself can trace") from None
+    gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
+    gm.graph.eliminate_dead_code()  # unused split outputs would otherwise look like extra consumers
+    gm.recompile()
+    return gm
+
+
+def trace(model: nn.Module, input_size: Sequence[int]) -> fx.GraphModule:
+    """Trace a model and annotate every node with its output shape for one image of `input_size` (C, H, W).
+
+    Raises:
+        ModelError: the model cannot be traced, or does not run at that input size.
+    """
+    gm = symbolic_trace(model)
+    was_training = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(torch.zeros(1, *input_size))
+    except RuntimeError as e:
+        cause = str(e.__cause__ or e).splitlines()[0][:120]
+        hint = "pass a larger --img-size" if "size" in cause else "check --in-chans and --img-size"
+        raise ModelError(f"{type(model).__name__} does not run at input size {tuple(input_size)} ({cause}); "
+                         f"{hint}") from None
+    finally:
+        gm.train(was_training)
+    return gm
+
+
+def check_cnn(model: nn.Module) -> None:
+    """Raise a ModelError for models that are not convolutional networks (vision transformers, MLP mixers)."""
+    from timm.layers import Attention
+    n_convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    if n_convs <= 1 or any(isinstance(m, (Attention, nn.MultiheadAttention)) for m in model.modules()):
+        raise ModelError(f"{type(model).__name__} is not a convolutional network (it has {n_convs} convolution"
+                         f"{'s' if n_convs != 1 else ''} and/or attention layers); dynamize gates timm CNNs such as "
+                         "ResNet, RegNet, MobileNet, EfficientNet, DenseNet, VGG and ConvNeXt")
+
+
+def node_shape(node: fx.Node) -> tuple[int, ...] | None:
+    """The traced output shape of a node, or None if it is not a single tensor."""
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None

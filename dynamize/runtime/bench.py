@@ -1,0 +1,191 @@
+"""Wall-clock benchmark of a gated model's runtime against the dense original, on the same weights and inputs.
+
+The dynamic model runs either its learned decisions or forced random ones at a chosen FLOPs fraction. Dense and
+dynamic passes are interleaved in one process so that both see the same machine load; medians are reported.
+"""
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import DynamizeError, OutputError, RunError
+from ..graph.convert import convert
+from ..graph.cost import expected_fraction, flops_fraction, min_fraction
+from ..graph.plan import GatePlan
+from ..io.atomic import write_json
+from ..io.runs import load
+from ..models import check_model_name, create_base
+from .sliced import use_runtime
+
+
+@dataclass
+class BenchResult:
+    """One timed configuration. `fraction` is the dynamic model's mean FLOPs fraction on the timed batch."""
+    model: str
+    batch_size: int
+    fraction: float
+    dense_ms: float
+    dynamic_ms: float
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_ms / self.dynamic_ms
+
+    @property
+    def ideal(self) -> float:
+        """The speedup that FLOPs promise: 1 / FLOPs fraction."""
+        return 1.0 / self.fraction
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "speedup": self.speedup, "ideal": self.ideal}
+
+
+def check_fraction(fraction: float) -> None:
+    """Raise a DynamizeError unless 0 < fraction <= 1."""
+    if not 0.0 < fraction <= 1.0:
+        raise DynamizeError(f"--fraction must be in (0, 1], not {fraction}")
+
+
+def keep_probability(plan: GatePlan, fraction: float) -> float:
+    """The keep probability p whose expected FLOPs fraction is `fraction` (bisection: the fraction grows with p).
+
+    Raises:
+        DynamizeError: the fraction is below what the model reaches with every gate closed.
+    """
+    check_fraction(fraction)
+    floor = min_fraction(plan)
+    if fraction < floor:
+        raise DynamizeError(f"--fraction {fraction} is below {floor:.3f}, the FLOPs fraction of {plan.architecture} "
+                            "with every gate closed (ungated stem, head and shortcuts); choose a larger one")
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if expected_fraction(plan, mid) < fraction else (lo, mid)
+    return (lo + hi) / 2
+
+
+def force_random(net: nn.Module, p: float, batch: int, generator: torch.Generator) -> None:
+    """Force every gate of `net` to random per-image decisions that keep a share p of its units.
+
+    Each image keeps exactly round(p * n) of its n blocks and of each group's channels (a random subset), so that
+    even a single image lands close to the expected FLOPs fraction.
+    """
+    blocks = [gate for kind, _, gate in net.gates() if kind == "layer"]
+    if blocks:
+        keep = _exactly(p, batch, len(blocks), generator)
+        for j, gate in enumerate(blocks):
+            gate.forced = keep[:, j:j + 1]
+    for kind, _, gate in net.gates():
+        if kind == "channel":
+            gate.forced = _exactly(p, batch, gate.units, generator, gate.min_keep)
+
+
+def _exactly(p: float, batch: int, units: int, generator: torch.Generator, at_least: int = 0) -> torch.Tensor:
+    """[batch, units] 0/1 rows, each with round(p * units) ones (at least `at_least`) at random places."""
+    ranks = torch.rand(batch, units, generator=generator).argsort(1).argsort(1)
+    return (ranks < max(round(p * units), at_least)).float()
+
+
+def release(net: nn.Module) -> None:
+    """Return every gate of `net` to its learned decisions."""
+    for _, _, gate in net.gates():
+        gate.forced = None
+
+
+@torch.inference_mode()
+def time_pair(dense: Callable, dynamic: Callable, x: torch.Tensor, repeats: int,
+              warmup: int) -> tuple[float, float]:
+    """Median milliseconds of `dense(x)` and `dynamic(x)`, run alternately so that both see the same load."""
+    for _ in range(warmup):
+        dense(x)
+        dynamic(x)
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for fn, out in ((dense, times[0]), (dynamic, times[1])):
+            start = time.perf_counter()
+            fn(x)
+            out.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def bench(net: nn.Module, dense: nn.Module, name: str, batch_sizes: Sequence[int], img_size: int,
+          fraction: float | None = None, repeats: int = 10, warmup: int = 2,
+          channels_last: bool = True, seed: int = 0) -> list[BenchResult]:
+    """Time the dense model against the gated model's runtime at each batch size.
+
+    Args:
+        net: the gated model (a DynamicNet); its gates are released again afterwards.
+        dense: the original model with the same weights.
+        name: the model's name in the results.
+        batch_sizes: batch sizes to time.
+        img_size: square input size.
+        fraction: force random decisions with this mean FLOPs fraction; None: the learned decisions.
+        repeats: timed passes of each model per configuration.
+        warmup: untimed passes first (allocator, thread pool and oneDNN caches).
+        channels_last: run both models on channels-last tensors (faster convolutions on most CPUs).
+        seed: seeds the random images and the forced decisions.
+    """
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    net, dense = net.eval().to(memory_format=fmt), dense.eval().to(memory_format=fmt)
+    runtime = use_runtime(net)
+    p = keep_probability(net.plan, fraction) if fraction is not None else None
+    generator = torch.Generator().manual_seed(seed)
+    results = []
+    try:
+        for batch in batch_sizes:
+            x = torch.randn(batch, net.plan.input_size[0], img_size, img_size, generator=generator)
+            x = x.to(memory_format=fmt)
+            if p is not None:
+                force_random(net, p, batch, generator)
+            measured = flops_fraction(net, x).mean().item()
+            dense_ms, dynamic_ms = time_pair(dense, runtime, x, repeats, warmup)
+            results.append(BenchResult(name, batch, measured, dense_ms, dynamic_ms))
+    finally:
+        release(net)
+    return results
+
+
+def open_target(target: str, fraction: float | None, img_size: int | None) -> tuple[nn.Module, nn.Module, int]:
+    """The gated model, its dense twin (same weights, no gates) and the input size to time them at.
+
+    Args:
+        target: a run directory (learned decisions) or a timm model name (random weights; needs `fraction`).
+        fraction: the FLOPs fraction random decisions will be forced to, if any.
+        img_size: square input size; default: the size the plan counts FLOPs at.
+
+    Raises:
+        DynamizeError: not a run directory, unknown model name, a model name without `fraction`, or a bad fraction.
+    """
+    if fraction is not None:
+        check_fraction(fraction)
+    path = Path(target)
+    if path.is_dir():
+        net = load(path)
+    elif path.exists():
+        raise RunError(f"{target} is a file, not a run directory (a folder with config.json and model.safetensors)")
+    else:
+        check_model_name(target)
+        if fraction is None:
+            raise DynamizeError(f"{target} is a model name, which has no learned decisions; pass --fraction F to "
+                                "time random decisions with that FLOPs fraction, or pass a run directory")
+        net = convert(target, img_size=img_size)
+    plan = net.plan
+    dense = create_base(plan.architecture, num_classes=net.num_classes, in_chans=plan.input_size[0])
+    dense.load_state_dict(net.base_state_dict(), strict=True)
+    return net.eval(), dense, img_size or plan.input_size[-1]
+
+
+def write_results(path: Path, results: Sequence[BenchResult]) -> None:
+    """Write `{"results": [...]}` to `path` through a temporary file and a rename.
+
+    Raises:
+        OutputError: the file cannot be written.
+    """
+    try:
+        write_json(Path(path), {"results": [r.to_dict() for r in results]})
+    except OSError as e:
+        raise OutputError(f"cannot write {path} ({e.strerror}); choose another --json") from None

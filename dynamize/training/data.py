@@ -1,0 +1,238 @@
+"""Data for training and evaluation through timm's data pipeline: Fashion-MNIST, timm dataset names, folders.
+
+A corrupt or unreadable image stops the run with one line naming the file (rather than silently shrinking a data
+set); the held-out calibration split is carved from the training data with a fixed seed, never from the eval split.
+"""
+import gzip
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from timm.data import create_dataset, create_transform
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+
+from ..errors import DynamizeError
+from ..io.atomic import write_file
+
+FASHION_MNIST = "fashion-mnist"
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+_FMNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte")
+_FMNIST_STATS = ((0.2860,), (0.3530,))
+_TIMM_PREFIXES = ("torch", "hfds", "hfids", "tfds", "wds")  # timm dataset names look like torch/cifar10
+_VERIFY_LIMIT = 50_000
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
+
+class DataError(DynamizeError):
+    """Data that is missing, empty, malformed or does not fit the model."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DYNAMIZE_CACHE", Path.home() / ".cache" / "dynamize"))
+
+
+def _fashion_mnist_root(data_dir: Path | None) -> Path:
+    """A torchvision-style root (ROOT/FashionMNIST/raw/ with unpacked idx files) for the four idx files."""
+    for src in [p for p in (data_dir, DEBIAN_FASHION_MNIST) if p is not None]:
+        for base in (src, src / "FashionMNIST" / "raw"):
+            if all((base / f).is_file() or (base / f"{f}.gz").is_file() for f in _FMNIST_FILES):
+                root = cache_dir() / "fashion-mnist"
+                raw = root / "FashionMNIST" / "raw"
+                raw.mkdir(parents=True, exist_ok=True)
+                for f in _FMNIST_FILES:
+                    if not (raw / f).is_file():
+                        src_file = base / f
+                        write_file(raw / f, lambda tmp: _unpack(src_file, tmp))
+                return root
+    where = f"{data_dir} or {DEBIAN_FASHION_MNIST}" if data_dir else str(DEBIAN_FASHION_MNIST)
+    raise DataError(f"Fashion-MNIST idx files not found in {where}; `apt-get install dataset-fashion-mnist` "
+                    "(Debian) or pass --data-dir with the four idx(.gz) files")
+
+
+def _unpack(src: Path, dest: Path) -> None:
+    """Copy an idx file, gunzipping `src.gz` when only that exists (torchvision reads the unpacked files)."""
+    with (open(src, "rb") if src.is_file() else gzip.open(src.with_name(src.name + ".gz"), "rb")) as fin, \
+            open(dest, "wb") as fout:
+        shutil.copyfileobj(fin, fout)
+
+
+class _Images(Dataset):
+    """A dataset whose PIL images are converted to the model's channel mode, with readable errors."""
+
+    def __init__(self, ds, mode: str, transform):
+        self.ds, self.mode, self.transform = ds, mode, transform
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        try:
+            img, target = self.ds[i]
+            img = img.convert(self.mode)
+        except (OSError, ValueError, SyntaxError) as e:
+            name = self.ds.filename(i) if hasattr(self.ds, "filename") else f"item {i}"
+            raise DataError(f"cannot read image {name} ({type(e).__name__}); remove or replace it") from None
+        return self.transform(img), target
+
+
+@dataclass
+class DataSpec:
+    """Where the data is and how the model sees it."""
+    name: str
+    data_dir: str | None = None
+    img_size: int = 32
+    in_chans: int = 1
+
+
+def _check_folder(root: Path) -> None:
+    if not root.exists():
+        raise DataError(f"data folder {root} does not exist")
+    if not root.is_dir():
+        raise DataError(f"data path {root} is not a folder")
+    splits = [p for p in root.iterdir() if p.is_dir()]
+    if not splits:
+        raise DataError(f"data folder {root} is empty; expected train/CLASS/*.png and val/CLASS/*.png")
+    for split in splits:
+        classes = [p for p in split.iterdir() if p.is_dir()]
+        if split.name in ("train", "training", "val", "validation", "test") and len(classes) < 2:
+            raise DataError(f"{split} has {len(classes)} class folder(s); a classifier needs at least 2")
+        if classes and not any(f.suffix.lower() in _IMAGE_SUFFIXES for c in classes for f in c.iterdir()):
+            raise DataError(f"{split} has class folders but no images")
+    if not any(p.name in ("train", "training") for p in splits):
+        raise DataError(f"data folder {root} has no train/ split (expected train/CLASS/*.png)")
+    _verify_images([f for s in splits for c in s.iterdir() if c.is_dir() for f in c.iterdir()
+                    if f.suffix.lower() in _IMAGE_SUFFIXES])
+
+
+def _verify_images(files) -> None:
+    """Stop before training starts (and before anything is written) if an image cannot be read.
+
+    Large data sets are not scanned up front; an unreadable image there stops the run when it is reached.
+    """
+    if len(files) > _VERIFY_LIMIT:
+        return
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im.verify()
+        except Exception:  # PIL raises many types (UnidentifiedImageError, SyntaxError, struct.error, ...)
+            raise DataError(f"cannot read image {f}; remove or replace it") from None
+
+
+def _raw_dataset(spec: DataSpec, train: bool):
+    """The split as a timm dataset of (PIL image, label)."""
+    split = "train" if train else "validation"
+    if spec.name == FASHION_MNIST:
+        root = _fashion_mnist_root(Path(spec.data_dir) if spec.data_dir else None)
+        return create_dataset("torch/fashion_mnist", root=str(root), split=split, download=False)
+    path = Path(spec.name)
+    if spec.name.split("/", 1)[0] not in _TIMM_PREFIXES:
+        _check_folder(path)
+        try:
+            return create_dataset("", root=str(path), split=split)
+        except Exception as e:  # timm raises plain errors for missing splits / unreadable folders
+            if train:
+                raise DataError(f"cannot read {path} as an image folder ({str(e)[:120]})") from None
+            return create_dataset("", root=str(path), split="train")
+    try:
+        return create_dataset(spec.name, root=spec.data_dir, split=split, download=False)
+    except Exception as e:  # timm's dataset back-ends raise their own error types
+        raise DataError(f"timm cannot open dataset {spec.name!r} in {spec.data_dir} ({str(e)[:120]})") from None
+
+
+def _stats(spec: DataSpec):
+    if spec.name == FASHION_MNIST and spec.in_chans == 1:
+        return _FMNIST_STATS
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    if spec.name == FASHION_MNIST:
+        return _FMNIST_STATS[0] * spec.in_chans, _FMNIST_STATS[1] * spec.in_chans
+    if spec.in_chans == 1:
+        return (sum(mean) / 3,), (sum(std) / 3,)
+    return mean, std
+
+
+def transform(spec: DataSpec, train: bool):
+    """timm's transform for the spec: light augmentation for training, resize + centre crop for evaluation."""
+    mean, std = _stats(spec)
+    size = (spec.in_chans, spec.img_size, spec.img_size)
+    if train:
+        return create_transform(size, is_training=True, scale=(0.8, 1.0), ratio=(0.9, 1.1), hflip=0.5,
+                                color_jitter=0.0, mean=mean, std=std)
+    return create_transform(size, is_training=False, crop_pct=1.0, mean=mean, std=std)
+
+
+def datasets(spec: DataSpec, calib_size: int, train_subset: int = 0, seed: int = 0) -> tuple[Dataset, Dataset, Dataset]:
+    """(train, calibration, eval) datasets; calibration is carved from the training data with a fixed seed.
+
+    Args:
+        train_subset: if > 0, use only this many training images (a random subset, for quick runs).
+    """
+    mode = "L" if spec.in_chans == 1 else "RGB"
+    raw_train = _raw_dataset(spec, train=True)
+    if len(raw_train) <= calib_size:
+        raise DataError(f"the training split has {len(raw_train)} images, not more than calib_size={calib_size}")
+    order = torch.randperm(len(raw_train), generator=torch.Generator().manual_seed(seed)).tolist()
+    calib_idx, train_idx = order[:calib_size], order[calib_size:]
+    if train_subset:
+        train_idx = train_idx[:train_subset]
+    train = Subset(_Images(raw_train, mode, transform(spec, True)), train_idx)
+    calib = Subset(_Images(raw_train, mode, transform(spec, False)), calib_idx)
+    evaluation = _Images(_raw_dataset(spec, train=False), mode, transform(spec, False))
+    return train, calib, evaluation
+
+
+def eval_dataset(spec: DataSpec) -> Dataset:
+    """The evaluation split alone."""
+    return _Images(_raw_dataset(spec, train=False), "L" if spec.in_chans == 1 else "RGB", transform(spec, False))
+
+
+def num_classes(ds: Dataset) -> int:
+    """Number of classes of a dataset made here."""
+    while isinstance(ds, Subset):
+        ds = ds.dataset
+    inner = ds.ds if isinstance(ds, _Images) else ds
+    for attr in ("classes",):
+        if hasattr(inner, attr):
+            return len(getattr(inner, attr))
+    reader = getattr(inner, "reader", None)
+    if reader is not None and hasattr(reader, "class_to_idx"):
+        return len(reader.class_to_idx)
+    raise DataError("cannot tell the number of classes of this data set")
+
+
+class EpochSampler(Sampler):
+    """Indices in a seeded per-epoch order, sharded across processes, starting at a given position.
+
+    The order depends only on (seed, epoch), so a resumed run sees exactly the batches it would have seen.
+    """
+
+    def __init__(self, size: int, seed: int, rank: int = 0, world: int = 1):
+        self.size, self.seed, self.rank, self.world = size, seed, rank, world
+        self.epoch, self.start = 0, 0
+
+    def set_position(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def _indices(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch))
+        per_rank = self.size // self.world
+        return order[self.rank * per_rank:(self.rank + 1) * per_rank].tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices()[self.start:])
+
+    def __len__(self) -> int:
+        return self.size // self.world - self.start
+
+
+def loader(ds: Dataset, batch_size: int, sampler: Sampler | None = None, workers: int = 0) -> DataLoader:
+    """A CPU data loader; training loaders take an EpochSampler, evaluation loaders keep the data set's order."""
+    # A private generator: creating the iterator must not draw from the global RNG, or a resumed run would diverge.
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
+                      drop_last=sampler is not None, persistent_workers=workers > 0,
+                      generator=torch.Generator().manual_seed(0))

@@ -1,0 +1,130 @@
+"""The jobs behind `dynamize train`, `finetune` and `calibrate`: wire data, models, losses and the training loop."""
+import datetime
+import platform
+import sys
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from timm.task import ClassificationTask
+from torch import nn
+from torch.utils.data import Subset
+
+from ..errors import RunError
+from ..io.runs import load, load_teacher, read_config, save, save_base
+from ..models import create_base, load_backbone, read_state_dict
+from ..version import __version__
+from .calibrate import calibrate
+from .data import DataSpec, datasets, loader, num_classes
+from .distill import BudgetDistillationTask, configure_gates, param_groups
+from .evaluate import evaluate
+from .loop import fit, init_distributed
+from .recipe import Recipe
+
+# Beyond this gap between the FLOPs fraction reached in training and the budget, calibration does most of the cutting.
+# (0.13 in the Fashion-MNIST ResNet-18 sweep at budget 0.3, which kept its accuracy; 0.39 for MobileNetV2, which did
+# not: docs/benchmarks.md).
+_CALIBRATION_GAP = 0.25
+
+
+def provenance() -> dict:
+    """Who made a run, when and how: recorded in config.json."""
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
+            "dynamize": __version__, "torch": torch.__version__, "command": " ".join(sys.argv)}
+
+
+def _spec(recipe: Recipe) -> DataSpec:
+    return DataSpec(recipe.data, recipe.data_dir, recipe.img_size, recipe.in_chans)
+
+
+def _eval_loader(ds, recipe: Recipe):
+    if recipe.eval_subset and recipe.eval_subset < len(ds):
+        ds = Subset(ds, range(recipe.eval_subset))
+    return loader(ds, 256)
+
+
+def _on_split(prefix: str, data):
+    """The per-epoch evaluation of the training loop: metrics on a held-out split, keys prefixed."""
+    return lambda model: {f"{prefix}_{k}": v for k, v in evaluate(model, data).items()}
+
+
+def train_base(recipe: Recipe, out: Path, resume: bool = False, console: Console | None = None,
+               init: Path | None = None) -> dict:
+    """Fit a plain timm model on the recipe's data (a teacher when no pretrained weights are at hand).
+
+    Args:
+        init: weights to start from (e.g. ImageNet weights); a classifier of another size is re-initialised.
+    """
+    ddp = init_distributed()
+    train, calib, test = datasets(_spec(recipe), recipe.calib_size, recipe.train_subset, recipe.seed)
+    torch.manual_seed(recipe.seed)
+    model = create_base(recipe.model, num_classes=num_classes(train), in_chans=recipe.in_chans)
+    if init is not None:
+        load_backbone(model, read_state_dict(init))
+    groups = [{"params": list(model.parameters()), "lr": recipe.lr_backbone, "weight_decay": recipe.weight_decay}]
+    history = fit(ClassificationTask(model, criterion=nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing),
+                                     verbose=False), model, train, recipe, out, groups, resume=resume, ddp=ddp,
+                  console=console, evaluate=_on_split("calib", loader(calib, 256)))
+    if not ddp.main:
+        return {}
+    result = {"eval": evaluate(model, _eval_loader(test, recipe)), "history": history}
+    save_base(model, out, recipe.in_chans, {"recipe": recipe.to_dict(), "eval": result["eval"],
+                                            "provenance": provenance()})
+    return result
+
+
+def finetune(run: Path, recipe: Recipe, out: Path, resume: bool = False, console: Console | None = None) -> dict:
+    """Budget-controlled distillation of a converted run into `out`, then calibration to the budget.
+
+    Returns the calibration result and the eval-split metrics of the final model.
+    """
+    console = console or Console()
+    ddp = init_distributed()
+    student = load(run)
+    teacher = load_teacher(run)
+    config = read_config(run)
+    train, calib, test = datasets(_spec(recipe), recipe.calib_size, recipe.train_subset, recipe.seed)
+    if num_classes(train) != student.num_classes:
+        raise RunError(f"the data has {num_classes(train)} classes but {run} was converted with "
+                       f"{student.num_classes}; convert with --num-classes {num_classes(train)}")
+    configure_gates(student, recipe.gates, recipe.gumbel_tau)
+    task = BudgetDistillationTask(student, teacher, recipe)
+    calib_loader = loader(calib, 256)
+    history = fit(task, student, train, recipe, out, param_groups(student, recipe), resume=resume,
+                  evaluate=_on_split("calib", calib_loader), ddp=ddp, console=console)
+    if not ddp.main:
+        return {}
+    reached = history[-1].get("train_flops", 1.0)
+    if reached > recipe.budget + _CALIBRATION_GAP:
+        console.print(f"[yellow]warning:[/yellow] the gates reached a FLOPs fraction of {reached:.2f} in training, "
+                      f"far above the budget {recipe.budget:.2f}; calibration will cut what they did not learn to cut "
+                      "and accuracy may drop: train longer or raise budget_weight")
+    with console.status("calibrating gate thresholds to the budget"):
+        cal = calibrate(student, calib_loader, recipe.budget)
+    result = {"calibration": cal, "eval": evaluate(student, _eval_loader(test, recipe)),
+              "teacher_eval": evaluate(teacher, _eval_loader(test, recipe)), "history": history}
+    save(student, out, {"budget": recipe.budget, "gates_trained": recipe.gates, "recipe": recipe.to_dict(),
+                        "teacher": str(Path(config["dynamize"].get("teacher", run)).resolve()),
+                        "parent": str(Path(run).resolve()), "calibration": cal, "eval": result["eval"],
+                        "teacher_eval": result["teacher_eval"], "provenance": provenance()})
+    return result
+
+
+def recalibrate(run: Path, budget: float, out: Path, data: str | None = None,
+                data_dir: str | None = None) -> dict:
+    """Re-target a fine-tuned run to another budget by moving its gate thresholds; writes a new run."""
+    config = read_config(run)
+    recipe_values = config["dynamize"].get("recipe")
+    if not recipe_values:
+        raise RunError(f"{run} was not fine-tuned (no recipe in config.json); run `dynamize finetune` first")
+    recipe = Recipe(**{**recipe_values, **({"data": data} if data else {}),
+                       **({"data_dir": data_dir} if data_dir else {}), "budget": budget}).validate()
+    model = load(run)
+    _, calib, test = datasets(_spec(recipe), recipe.calib_size, recipe.train_subset, recipe.seed)
+    cal = calibrate(model, loader(calib, 256), budget)
+    result = {"calibration": cal, "eval": evaluate(model, _eval_loader(test, recipe))}
+    carried = {k: v for k, v in config["dynamize"].items() if k not in ("version", "plan")}
+    save(model, out, {**carried, "budget": budget,
+                      "recipe": recipe.to_dict(), "parent": str(Path(run).resolve()), "calibration": cal,
+                      "eval": result["eval"], "provenance": provenance()})
+    return result

@@ -1,0 +1,44 @@
+"""`dynamize convert` and `dynamize inspect`."""
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from dynamize.io.runs import check_run, convert_to_run
+
+from .tables import print_plan
+
+
+def convert(
+    model: str = typer.Argument(..., help="timm model name (e.g. resnet50) or a run directory of `dynamize train`"),
+    output: Path | None = typer.Option(None, "-o", "--output", help="run directory (default: runs/MODEL)"),
+    checkpoint: Path | None = typer.Option(None, help=".safetensors (or .pth/.pt state dict) for the base model"),
+    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="timm's pretrained weights"),
+    num_classes: int | None = typer.Option(None, help="classifier size (default: timm's)"),
+    in_chans: int | None = typer.Option(None, help="input channels (default: timm's)"),
+    img_size: int | None = typer.Option(None, help="input size FLOPs are counted at (default: timm's)"),
+    gates: str = typer.Option("both", help="both | layer | channel"),
+) -> None:
+    """Insert L-Net / C-Net gates into a timm CNN and write a run directory."""
+    console = Console()
+    with console.status(f"building, tracing and gating {model}"):
+        net, out = convert_to_run(model, output, checkpoint=checkpoint, pretrained=pretrained,
+                                  num_classes=num_classes, in_chans=in_chans, img_size=img_size, gates=gates)
+    print_plan(net.plan, f"dynamize plan for {net.plan.architecture}", console)
+    console.print(f"wrote [bold]{out}[/bold]")
+
+
+def inspect(run: Path = typer.Argument(..., help="run directory")) -> None:
+    """Print the gate plan of a saved run (its config and weights are checked, the tensors are not loaded)."""
+    checked = check_run(run)
+    console = Console()
+    if checked.plan is None:
+        console.print(f"{run}: a plain {checked.architecture} ({checked.num_classes} classes, {checked.in_chans} "
+                      f"input channels); convert it with `dynamize convert {run}`")
+        return
+    print_plan(checked.plan, f"dynamize plan of {run}", console)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(convert)
+    app.command()(inspect)

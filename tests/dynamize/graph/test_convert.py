@@ -1,0 +1,99 @@
+"""Conversion over many timm families: exact outputs with open gates, save/load round trip, or a named reason."""
+import pytest
+import timm
+import torch
+from helpers import randomize
+
+import dynamize
+from dynamize.errors import ModelError
+
+# name -> input size. Families: ResNet/ResNet-D/ResNeXt/SE-ResNet, RegNet, MobileNetV2/V3, EfficientNet/V2, MixNet,
+# GhostNet, ReXNet, DLA, DPN, CSP nets, Res2Net, HRNet, DenseNet, VGG, ConvNeXt, Xception, Inception, RepVGG, ...
+ARCHS = {
+    "resnet18": 64, "resnet50d": 64, "resnext50_32x4d": 64, "seresnet50": 64, "regnetx_002": 64, "regnety_002": 64,
+    "mobilenetv2_100": 64, "mobilenetv3_small_100": 64, "efficientnet_b0": 64, "tf_efficientnetv2_b0": 64,
+    "mixnet_s": 64, "ghostnet_100": 64, "rexnet_100": 64, "dla34": 64, "dpn68": 64, "cspresnet50": 64,
+    "cspdarknet53": 64, "res2net50_14w_8s": 64, "hrnet_w18_small": 64, "densenet121": 64, "vgg11": 32,
+    "convnext_atto": 64, "legacy_xception": 64, "inception_v3": 96, "repvgg_a0": 64, "selecsls42b": 64,
+    "lcnet_050": 64, "mnasnet_100": 64, "tf_efficientnet_lite0": 64, "nf_resnet26": 64,
+}
+# Architectures that are reported as not gateable, and why.
+NOT_GATEABLE = {
+    "dpn68": "dual-path blocks sum slices of a shared tensor and feed grouped convolutions",
+    "nf_resnet26": "timm marks NormFreeBlock as not traceable, so its blocks are opaque to torch.fx",
+}
+# Architectures with residual adds that get no L-Net, and why.
+NO_LAYER_GATE = {
+    "rexnet_100": "its residual adds only part of the channels (x[:, :C] += shortcut), not shortcut + F(x)",
+}
+# Architectures that get no C-Net group, and why.
+NO_CHANNEL_GATE = {
+    "resnext50_32x4d": "every 1x1 conv feeds a grouped conv or the residual add",
+    "regnetx_002": "every 1x1 conv feeds a grouped conv or the residual add",
+    "regnety_002": "every 1x1 conv feeds a grouped conv or the residual add",
+    "mixnet_s": "mixed kernels split channels between convolutions",
+    "ghostnet_100": "ghost modules concatenate, the rest feeds residual adds",
+    "repvgg_a0": "every conv feeds a branch sum",
+    "res2net50_14w_8s": "hierarchical splits consume every 1x1 conv output",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_convert_exact_and_round_trip(name, tmp_path):
+    size = ARCHS[name]
+    base = randomize(timm.create_model(name, num_classes=7)).eval()
+    if name in NOT_GATEABLE:
+        with pytest.raises(ModelError, match="nothing dynamize can gate"):
+            dynamize.convert(base, img_size=size)
+        return
+    net = dynamize.convert(base, img_size=size).eval()
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        ref, out = base(x), net(x)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+    plan = net.plan
+    has_residual = not any("no residual adds" in s.reason for s in plan.skipped)
+    if has_residual and name not in NO_LAYER_GATE:
+        assert plan.blocks, f"{name} has residual adds but no L-Net"
+    if name not in NO_CHANNEL_GATE:
+        assert plan.groups, f"{name} got no C-Net group"
+
+    dynamize.save(net, tmp_path / "run")
+    loaded = dynamize.load(tmp_path / "run")
+    with torch.no_grad():
+        assert torch.equal(loaded(x), out)
+    assert loaded.plan.to_dict() == plan.to_dict()
+
+
+def test_convert_by_name_keeps_timm_attributes():
+    net = dynamize.convert("test_resnet", num_classes=5, in_chans=1, img_size=32)
+    assert net.num_classes == 5 and net.plan.input_size == [1, 32, 32]
+    assert net.pretrained_cfg["architecture"] == "test_resnet"
+
+
+def test_convert_does_not_touch_the_original():
+    base = timm.create_model("test_resnet", num_classes=5).eval()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    net = dynamize.convert(base, img_size=32)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+
+
+@pytest.mark.parametrize("gates", ["layer", "channel"])
+def test_gate_kinds(gates):
+    net = dynamize.convert("test_resnet", num_classes=5, img_size=32, gates=gates)
+    assert bool(net.plan.blocks) == (gates == "layer") and bool(net.plan.groups) == (gates == "channel")
+
+
+def test_unknown_name_suggests_close_ones():
+    with pytest.raises(ModelError, match="resnet50"):
+        dynamize.convert("resnet5O")
+
+
+def test_vision_transformer_is_refused():
+    with pytest.raises(ModelError, match="not a convolutional network"):
+        dynamize.convert("vit_tiny_patch16_224", img_size=224)

@@ -1,0 +1,62 @@
+"""Gate behaviour: skipped branches are not executed; mixed batches match per-image results."""
+import pytest
+import timm
+import torch
+from helpers import randomize
+
+from dynamize.graph import convert, flops_fraction
+
+
+@pytest.fixture(scope="module")
+def net():
+    return convert(randomize(timm.create_model("resnet18", num_classes=10)), img_size=64).eval()
+
+
+def _branch_conv(net, block):
+    return net.get_submodule(f"{block}.conv1")
+
+
+def test_skipped_branch_is_not_executed(net):
+    calls = []
+    handle = _branch_conv(net, "layer2.1").register_forward_hook(lambda *a: calls.append(1))
+    gate = net.block_gate("layer2.1")
+    try:
+        gate.forced = torch.zeros(1)
+        with torch.no_grad():
+            net(torch.randn(2, 3, 64, 64))
+        assert calls == []
+        gate.forced = None
+        with torch.no_grad():
+            net(torch.randn(2, 3, 64, 64))
+        assert calls == [1]
+    finally:
+        handle.remove()
+        gate.forced = None
+
+
+def test_mixed_batch_equals_per_image_decisions(net):
+    gate = net.block_gate("layer3.0")
+    x = torch.randn(2, 3, 64, 64)
+    try:
+        with torch.no_grad():
+            gate.forced = torch.tensor([[1.0], [0.0]])
+            mixed = net(x)
+            gate.forced = torch.ones(1)
+            kept = net(x)
+            gate.forced = torch.zeros(1)
+            skipped = net(x)
+    finally:
+        gate.forced = None
+    assert torch.allclose(mixed[0], kept[0], atol=1e-5) and torch.allclose(mixed[1], skipped[1], atol=1e-5)
+    assert not torch.allclose(kept[1], skipped[1], atol=1e-3)
+    frac = flops_fraction(net, x)  # the decisions of a normal pass: all open
+    assert torch.allclose(frac, frac[:1].expand(2))
+
+
+def test_training_decisions_are_hard_with_gradients():
+    net = convert(randomize(timm.create_model("test_resnet", num_classes=5)), img_size=32).train()
+    out = net(torch.randn(4, 3, 32, 32))
+    _, _, gate = next(iter(net.gates()))
+    assert set(gate.last_keep.detach().unique().tolist()) <= {0.0, 1.0}
+    out.sum().backward()
+    assert gate.mlp[-1].weight.grad is not None and gate.mlp[-1].weight.grad.abs().sum() > 0

@@ -1,0 +1,110 @@
+"""The generic training loop on a tiny model and data set: resume, Ctrl-C, NaN, DDP."""
+import os
+import signal
+
+import pytest
+import timm
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+from timm.task import ClassificationTask
+
+from dynamize.training.data import DataSpec, datasets
+from dynamize.training.loop import Distributed, Interrupted, TrainingError, fit
+from dynamize.training.recipe import load_recipe
+
+SIZE = 32
+
+
+def _recipe(folder, **kw):
+    values = dict(model="test_resnet", data=str(folder), img_size=SIZE, in_chans=3, epochs=2, batch_size=8,
+                  calib_size=6, workers=0, lr_backbone=1e-3, lr_gates=1e-2)
+    values.update(kw)
+    return load_recipe(None, **values)
+
+
+class _Interrupting(ClassificationTask):
+    """A task that presses Ctrl-C before a given step, through the loop's step hook."""
+
+    def __init__(self, model, at, total):
+        super().__init__(model, verbose=False)
+        self.at, self.total = at, total
+
+    def on_step(self, progress):
+        if self.at is not None and round(progress * self.total) == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def _groups(model):
+    return [{"params": list(model.parameters()), "lr": 1e-3, "weight_decay": 0.0}]
+
+
+def _train_plain(folder, out, interrupt_at=None, resume=False):
+    recipe = _recipe(folder, checkpoint_every=2)
+    train, _, _ = datasets(DataSpec(recipe.data, None, SIZE, 3), recipe.calib_size)
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=3)
+
+    fit(_Interrupting(model, interrupt_at, recipe.epochs * (len(train) // recipe.batch_size)), model, train, recipe,
+        out, _groups(model), resume=resume)
+    return model.state_dict()
+
+
+def test_resume_after_interrupt_matches_uninterrupted_run(image_folder, tmp_path):
+    reference = _train_plain(image_folder, tmp_path / "a")
+    with pytest.raises(Interrupted, match="resume"):
+        _train_plain(image_folder, tmp_path / "b", interrupt_at=3)
+    assert (tmp_path / "b" / "checkpoints" / "last" / "model.safetensors").is_file()
+    resumed = _train_plain(image_folder, tmp_path / "b", resume=True)
+    assert all(torch.allclose(reference[k].float(), resumed[k].float(), atol=1e-6) for k in reference)
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+
+
+def _ddp_worker(rank, world, folder, out, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    recipe = _recipe(folder)
+    train, _, _ = datasets(DataSpec(recipe.data, None, SIZE, 3), recipe.calib_size)
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=3)
+    task = ClassificationTask(model, verbose=False)
+    fit(task, model, train, recipe, out, _groups(model), ddp=Distributed(rank, world))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out.parent / f"rank{rank}.safetensors"))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_process_gloo_ddp_keeps_ranks_identical(image_folder, tmp_path):
+    port = 29500 + os.getpid() % 1000
+    mp.spawn(_ddp_worker, args=(2, image_folder, tmp_path / "run", port), nprocs=2, join=True)
+    a, b = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    start = timm.create_model("test_resnet", num_classes=3).state_dict()
+    assert any(not torch.equal(a[k], start[k]) for k in a if k.endswith("weight"))
+
+
+class _NaNAfter(ClassificationTask):
+    """A task whose loss turns NaN at a given step, as a diverging run's would."""
+
+    def __init__(self, model, step):
+        super().__init__(model, verbose=False)
+        self.calls, self.step = 0, step
+
+    def forward(self, input, target):
+        out = super().forward(input, target)
+        self.calls += 1
+        if self.calls > self.step:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(image_folder, tmp_path):
+    recipe = _recipe(image_folder, checkpoint_every=1)
+    train, _, _ = datasets(DataSpec(recipe.data, None, SIZE, 3), recipe.calib_size)
+    model = timm.create_model("test_resnet", num_classes=3)
+    with pytest.raises(TrainingError, match="at step 2"):
+        fit(_NaNAfter(model, 2), model, train, recipe, tmp_path / "run", _groups(model))
+    ckpt = load_file(str(tmp_path / "run" / "checkpoints" / "last" / "model.safetensors"))
+    assert all(torch.isfinite(v.float()).all() for v in ckpt.values())

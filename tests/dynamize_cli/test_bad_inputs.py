@@ -1,0 +1,134 @@
+"""Bad input through the real CLI: exit code 2, one line on stderr saying what to do, no traceback, and no new or
+changed file anywhere under the test's folders."""
+import json
+import pickle
+import shutil
+import struct
+
+import pytest
+import timm
+import torch
+from helpers import make_image_folder
+from safetensors.torch import save_file
+
+from dynamize_cli.main import run
+
+CONVERT = ["convert", "test_resnet", "--no-pretrained", "--num-classes", "3", "--img-size", "32"]
+
+
+class _Code:
+    """An object whose unpickling would run code: weights_only loading must refuse it."""
+
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+@pytest.fixture(scope="module")
+def world(tiny_runs, tmp_path_factory):
+    """Bad files and folders next to good runs, built once."""
+    root, data = tiny_runs
+    bad = tmp_path_factory.mktemp("bad")
+    good = timm.create_model("test_resnet", num_classes=3).state_dict()
+    save_file(good, str(bad / "ok.safetensors"))
+    save_file(timm.create_model("test_resnet", num_classes=9).state_dict(), str(bad / "other.safetensors"))
+    raw = (bad / "ok.safetensors").read_bytes()
+    (bad / "truncated.safetensors").write_bytes(raw[: len(raw) // 2])
+    (bad / "corrupt.safetensors").write_bytes(b"\x00" * 64)
+    (bad / "empty.safetensors").write_bytes(b"")
+    (bad / "pickle.safetensors").write_bytes(pickle.dumps(good))
+    (bad / "huge-header.safetensors").write_bytes(struct.pack("<Q", 2 ** 62) + b"{}")
+    torch.save({"weights": _Code()}, bad / "code.pth")
+    (bad / "weights.txt").write_text("not weights")
+    (bad / "file").write_text("a file, not a folder")
+    for name, edit in {"no-config": None, "not-json": "{oops", "newer": "newer", "mismatch": "mismatch"}.items():
+        run_dir = bad / name
+        shutil.copytree(root / "conv", run_dir)
+        config = run_dir / "config.json"
+        if edit is None:
+            config.unlink()
+        elif edit == "newer":
+            c = json.loads(config.read_text())
+            c["dynamize"]["plan"]["version"] = 99
+            config.write_text(json.dumps(c))
+        elif edit == "mismatch":
+            save_file(timm.create_model("test_resnet", num_classes=3).state_dict(), str(run_dir / "model.safetensors"))
+        else:
+            config.write_text(edit)
+    (bad / "unknown-key.yaml").write_text("epochs: 1\nepoch_count: 3\n")
+    (bad / "wrong-type.yaml").write_text("epochs: three\n")
+    make_image_folder(bad / "one-class", classes=1, per_class=4)
+    make_image_folder(bad / "corrupt-image", classes=2, per_class=4)
+    (bad / "corrupt-image" / "train" / "class0" / "0.png").write_bytes(b"\x89PNG not really")
+    (bad / "empty-data").mkdir()
+    damaged = bad / "damaged-resume"
+    shutil.copytree(root / "ft", damaged)
+    (damaged / "checkpoints" / "last" / "state.json").write_text("{")
+    return root, data, bad
+
+
+# (argv, text the error must contain); {conv} {ft} {data} {bad} are filled in from the fixture.
+CASES = {
+    "unknown model": ([*CONVERT[:1], "resnet5O", *CONVERT[2:]], "resnet50"),
+    "misspelled model": ([*CONVERT[:1], "mobilenet_v2", *CONVERT[2:]], "did you mean"),
+    "non-CNN model": (["convert", "vit_tiny_patch16_224", "--no-pretrained"], "not a convolutional"),
+    "pretrained offline": (["convert", "test_resnet", "--pretrained"], "--checkpoint"),
+    "checkpoint for another head": ([*CONVERT, "--checkpoint", "{bad}/other.safetensors"], "does not match"),
+    "truncated safetensors": ([*CONVERT, "--checkpoint", "{bad}/truncated.safetensors"], "not a valid safetensors"),
+    "corrupt safetensors": ([*CONVERT, "--checkpoint", "{bad}/corrupt.safetensors"], "not a valid safetensors"),
+    "empty safetensors": ([*CONVERT, "--checkpoint", "{bad}/empty.safetensors"], "not a valid safetensors"),
+    "pickle named .safetensors": ([*CONVERT, "--checkpoint", "{bad}/pickle.safetensors"], "not a valid safetensors"),
+    "huge safetensors header": ([*CONVERT, "--checkpoint", "{bad}/huge-header.safetensors"],
+                                "not a valid safetensors"),
+    "pickled code in .pth": ([*CONVERT, "--checkpoint", "{bad}/code.pth"], "loads safely"),
+    "not a weights file": ([*CONVERT, "--checkpoint", "{bad}/weights.txt"], "not a weights file"),
+    "missing checkpoint": ([*CONVERT, "--checkpoint", "{bad}/nothing.safetensors"], "does not exist"),
+    "config.json missing": (["inspect", "{bad}/no-config"], "no config.json"),
+    "config.json not JSON": (["inspect", "{bad}/not-json"], "not valid JSON"),
+    "plan from a newer version": (["inspect", "{bad}/newer"], "newer"),
+    "weights disagree with config": (["finetune", "{bad}/mismatch", "--budget", "0.5"], "does not match"),
+    "budget 0": (["finetune", "{conv}", "--budget", "0"], "budget"),
+    "budget -1": (["finetune", "{conv}", "--budget", "-1"], "budget"),
+    "budget 1.5": (["finetune", "{conv}", "--budget", "1.5"], "budget"),
+    "budget nan": (["finetune", "{conv}", "--budget", "nan"], "budget"),
+    "budget abc": (["finetune", "{conv}", "--budget", "abc"], "budget"),
+    "unknown recipe": (["finetune", "{conv}", "--budget", "0.5", "--recipe", "nope"], "no recipe named"),
+    "recipe escaping its folder": (["finetune", "{conv}", "--budget", "0.5", "--recipe", "../../etc/passwd"],
+                                   "not a plain name"),
+    "recipe file missing": (["finetune", "{conv}", "--budget", "0.5", "--recipe", "{bad}/none.yaml"],
+                            "does not exist"),
+    "recipe with unknown key": (["finetune", "{conv}", "--budget", "0.5", "--recipe", "{bad}/unknown-key.yaml"],
+                                "epoch_count"),
+    "recipe with wrong type": (["finetune", "{conv}", "--budget", "0.5", "--recipe", "{bad}/wrong-type.yaml"],
+                               "epochs"),
+    "override with unknown key": (["finetune", "{conv}", "--budget", "0.5", "--set", "epochz=1"], "epochz"),
+    "RUN not a run directory": (["finetune", "{data}", "--budget", "0.5"], "not a dynamize run"),
+    "data folder missing": (["finetune", "{conv}", "--budget", "0.5", "--data", "{bad}/missing"], "does not exist"),
+    "data folder empty": (["finetune", "{conv}", "--budget", "0.5", "--data", "{bad}/empty-data"], "empty"),
+    "data with one class": (["finetune", "{conv}", "--budget", "0.5", "--data", "{bad}/one-class"], "class"),
+    "data with a corrupt image": (["finetune", "{conv}", "--budget", "0.5", "--data", "{bad}/corrupt-image"],
+                                  "cannot read image"),
+    "output is a file": ([*CONVERT, "-o", "{bad}/file"], "not a directory"),
+    "output on a read-only place": ([*CONVERT, "-o", "/proc/dynamize-run"], "cannot write"),
+    "resume without a checkpoint": (["finetune", "{conv}", "--budget", "0.5", "--data", "{data}", "-o", "{bad}/new",
+                                     "--resume"], "no checkpoint"),
+    "resume from a damaged checkpoint": (["finetune", "{conv}", "--budget", "0.5", "--data", "{data}",
+                                          "-o", "{bad}/damaged-resume", "--resume"], "damaged"),
+    "calibrate a run that was not fine-tuned": (["calibrate", "{conv}", "--budget", "0.5"], "not fine-tuned"),
+}
+
+
+def _snapshot(*roots):
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for r in roots for p in sorted(r.rglob("*"))}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input(case, world, capsys):
+    root, data, bad = world
+    argv, needle = CASES[case]
+    argv = [a.format(conv=root / "conv", ft=root / "ft", data=data, bad=bad) for a in argv]
+    before = _snapshot(root, bad)
+    assert run(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err and needle in err, err
+    assert _snapshot(root, bad) == before
