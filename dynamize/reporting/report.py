@@ -22,6 +22,7 @@ from ..io.atomic import check_output_dir, write_json, write_text
 from ..io.runs import latest_run, load, load_teacher, read_config
 from ..runtime.bench import bench, open_target
 from ..training.data import DataError, DataSpec, eval_dataset, loader, num_classes
+from ..training.evaluate import adaptivity, decision_codes
 from ..version import __version__
 from .markdown import render_markdown
 from .plots import write_plots
@@ -113,6 +114,7 @@ def _collect(model: nn.Module, teacher: nn.Module, data) -> dict[str, torch.Tens
         out["top5"].append(logits.topk(k, dim=1).indices)
         out["teacher_top5"].append(teacher(images).topk(k, dim=1).indices)
         out["fractions"].append(flops_per_image(model))
+        out["codes"].append(decision_codes(model))
         for part, flops in flops_by_part(model).items():
             out[f"part:{part}"].append(flops)
         for kind, name, gate in model.gates():
@@ -126,11 +128,15 @@ def _accuracy(top5: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     return {"top1": 100 * hit[:, 0].float().mean().item(), "top5": 100 * hit.any(1).float().mean().item()}
 
 
-def _flops_summary(plan: GatePlan, fractions: torch.Tensor, gate_flops: torch.Tensor) -> dict:
-    """Distribution of per-image FLOPs fractions (quantiles interpolate linearly, as numpy's default) and GFLOPs."""
-    q = {f"p{p}": fractions.quantile(p / 100).item() for p in (5, 50, 95)}
+def _flops_summary(plan: GatePlan, fractions: torch.Tensor, codes: torch.Tensor, gate_flops: torch.Tensor) -> dict:
+    """Distribution of per-image FLOPs fractions (quantiles interpolate linearly, as numpy's default), GFLOPs, and
+    how much the decisions depend on the image (spread, distinct decision patterns, their entropy)."""
+    a = adaptivity(fractions, codes)
+    q = {k: a[k] for k in ("p5", "p50", "p95")}
     gflops = plan.total_flops / 1e9
-    return {"original_gflops": gflops, "mean_fraction": fractions.mean().item(), **q,
+    return {"original_gflops": gflops, "mean_fraction": fractions.mean().item(), **q, "spread": a["spread"],
+            "patterns": a["patterns"], "pattern_entropy_bits": a["pattern_entropy_bits"],
+            "nearly_static": a["nearly_static"],
             "min": fractions.min().item(), "max": fractions.max().item(),
             "mean_gflops": fractions.mean().item() * gflops, **{f"{k}_gflops": v * gflops for k, v in q.items()},
             "gate_overhead": plan.gate_flops / plan.total_flops,
@@ -218,7 +224,7 @@ def evaluate_run(run: Path, name: str | None = None, data: str | None = None, da
                       "images": len(ds), "classes": classes},
              "accuracy": _accuracy(c["top5"], c["labels"]),
              "teacher": {"path": teacher, **_accuracy(c["teacher_top5"], c["labels"])},
-             "flops": _flops_summary(model.plan, c["fractions"], c[f"part:{GATES}"]),
+             "flops": _flops_summary(model.plan, c["fractions"], c["codes"], c[f"part:{GATES}"]),
              **_blocks(model.plan, c), "per_class": _per_class(c, names)}
     return RunEvaluation(entry, c["fractions"], c["labels"], c["top5"][:, 0], ds, names)
 

@@ -1,6 +1,6 @@
 """The generic training loop behind `dynamize train` and `dynamize finetune`: progress, metrics, checkpoints,
 resume, DDP. It knows nothing about gates: the caller passes the parameter groups, the task returns its loss and any
-per-image scalars to log, and a task with an `on_step(progress)` method owns its schedule (as timm's loop calls
+per-image scalars to log, and a task with an `on_step(step, total)` method owns its schedule (as timm's loop calls
 `update_ema(step=...)`).
 
 Checkpoints are written every epoch (and every `checkpoint_every` steps) to `checkpoints/last/` by writing a temporary
@@ -169,7 +169,7 @@ def fit(task: nn.Module, model: nn.Module, train_ds, recipe: Recipe, out: Path, 
 
     Args:
         task: returns a dict with "loss", "output" and any per-image tensors to log (averaged as `train_NAME`)
-            for a batch; if it has `on_step(progress)`, that is called with progress in [0, 1) before each step.
+            for a batch; if it has `on_step(step, total)`, that is called before each step (step counts from 0).
         model: the trainable model inside `task`, for checkpoints.
         train_ds: the training data set.
         recipe: optimiser, schedule, epochs, batch size, seed, checkpoint frequency.
@@ -223,7 +223,7 @@ def fit(task: nn.Module, model: nn.Module, train_ds, recipe: Recipe, out: Path, 
                 if state.step_in_epoch < steps_per_epoch else []
             for images, labels in batches:
                 if on_step is not None:
-                    on_step(state.global_step / total)
+                    on_step(state.global_step, total)
                 result = task(images, labels)
                 loss = result["loss"]
                 if not torch.isfinite(loss):

@@ -40,9 +40,15 @@ class Recipe:
     weight_decay: float = 0.05
     task_weight: float = 1.0
     distill_weight: float = 1.0
-    budget_weight: float = 4.0
+    budget_weight: float = 10.0
+    bounds_weight: float = 10.0
+    shaping_weight: float = 1.0
     temperature: float = 2.0
     anneal_fraction: float = 0.3
+    bounds_fraction: float = 0.5
+    noise_final: float = 0.0
+    settle_fraction: float = 0.2
+    bn_images: int = 2000
     gumbel_tau: float = 1.0
     label_smoothing: float = 0.0
     seed: int = 0
@@ -61,16 +67,19 @@ class Recipe:
             if getattr(self, key) < 1:
                 raise RecipeError(f"{key} must be at least 1, not {getattr(self, key)}")
         for key in ("lr_backbone", "lr_gates", "weight_decay", "task_weight", "distill_weight", "budget_weight",
-                    "warmup_epochs", "label_smoothing", "train_subset", "eval_subset", "checkpoint_every",
-                    "workers"):
+                    "bounds_weight", "shaping_weight", "noise_final", "bn_images", "warmup_epochs",
+                    "label_smoothing", "train_subset", "eval_subset", "checkpoint_every", "workers"):
             value = getattr(self, key)
             if not math.isfinite(value) or value < 0:
                 raise RecipeError(f"{key} must be a finite number >= 0, not {value}")
         for key in ("temperature", "gumbel_tau"):
             if not getattr(self, key) > 0:
                 raise RecipeError(f"{key} must be > 0, not {getattr(self, key)}")
-        if not 0 < self.anneal_fraction <= 1:
-            raise RecipeError(f"anneal_fraction must be in (0, 1], not {self.anneal_fraction}")
+        for key in ("anneal_fraction", "bounds_fraction"):
+            if not 0 < getattr(self, key) <= 1:
+                raise RecipeError(f"{key} must be in (0, 1], not {getattr(self, key)}")
+        if not 0 <= self.settle_fraction < 1:
+            raise RecipeError(f"settle_fraction must be in [0, 1), not {self.settle_fraction}")
         return self
 
     def to_dict(self) -> dict:

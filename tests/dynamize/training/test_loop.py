@@ -26,12 +26,12 @@ def _recipe(folder, **kw):
 class _Interrupting(ClassificationTask):
     """A task that presses Ctrl-C before a given step, through the loop's step hook."""
 
-    def __init__(self, model, at, total):
+    def __init__(self, model, at):
         super().__init__(model, verbose=False)
-        self.at, self.total = at, total
+        self.at = at
 
-    def on_step(self, progress):
-        if self.at is not None and round(progress * self.total) == self.at:
+    def on_step(self, step, total):
+        if self.at is not None and step == self.at:
             os.kill(os.getpid(), signal.SIGINT)
 
 
@@ -45,8 +45,7 @@ def _train_plain(folder, out, interrupt_at=None, resume=False):
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", num_classes=3)
 
-    fit(_Interrupting(model, interrupt_at, recipe.epochs * (len(train) // recipe.batch_size)), model, train, recipe,
-        out, _groups(model), resume=resume)
+    fit(_Interrupting(model, interrupt_at), model, train, recipe, out, _groups(model), resume=resume)
     return model.state_dict()
 
 

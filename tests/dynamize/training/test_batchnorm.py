@@ -1,0 +1,27 @@
+"""BatchNorm re-estimation: running statistics recomputed for the model's own decisions."""
+import timm
+import torch
+
+import dynamize
+from dynamize.training.batchnorm import reestimate_batchnorm
+from helpers import randomize
+
+
+def test_reestimation_replaces_running_statistics_with_the_data_average():
+    net = dynamize.convert(randomize(timm.create_model("test_resnet", num_classes=3)), img_size=32).eval()
+    images = torch.randn(24, 3, 32, 32) * 2 + 1
+    data = [(images[i:i + 8], torch.zeros(8)) for i in range(0, 24, 8)]
+    stem_bn = net.bn1 if isinstance(net.bn1, torch.nn.BatchNorm2d) else next(
+        m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = stem_bn.running_mean.clone()
+    with torch.no_grad():
+        inputs = []
+        handle = stem_bn.register_forward_hook(lambda m, args, out: inputs.append(args[0]))
+        used = reestimate_batchnorm(net, data, images=20)
+        handle.remove()
+    assert used == 16 and not net.training  # whole batches of 8 only
+    seen = torch.cat(inputs)
+    assert seen.shape[0] == 16
+    torch.testing.assert_close(stem_bn.running_mean, seen.mean((0, 2, 3)), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(stem_bn.running_mean, before)
+    assert stem_bn.momentum == 0.1  # restored
