@@ -9,6 +9,7 @@ from dynamize.models import create_base
 from dynamize.training.jobs import finetune, train_base
 from dynamize.training.recipe import load_recipe
 
+from .options import in_range
 from .train import _summary
 
 # Subsampled so that the demo finishes in minutes on 2 CPU cores; the benchmark uses the full data.
@@ -17,7 +18,7 @@ DEMO = ["train_subset=5000", "epochs=2", "calib_size=1000", "eval_subset=2000", 
 
 def demo(
     output: Path = typer.Option(Path("runs/demo"), "-o", "--output", help="where the demo's runs go"),
-    budget: float = typer.Option(0.5, help="FLOPs budget for the dynamic model"),
+    budget: float = typer.Option(0.5, help="FLOPs budget for the dynamic model", callback=in_range("budget")),
 ) -> None:
     """Train a ResNet-18 teacher on Fashion-MNIST, convert it, fine-tune it at a FLOPs budget, and report."""
     console = Console()

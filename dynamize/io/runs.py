@@ -57,6 +57,11 @@ class Run:
     def in_chans(self) -> int:
         return int(self.config["in_chans"])
 
+    @property
+    def teacher(self) -> Path:
+        """The run holding this run's original model (the teacher of its fine-tuning): recorded, or the run itself."""
+        return Path(self.info.get("teacher", self.path))
+
 
 def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in version.split(".")[:3] if p.isdigit())
@@ -189,8 +194,7 @@ def load_base(path: str | Path) -> nn.Module:
 def load_teacher(run: str | Path) -> nn.Module:
     """The original model of a gated run (the teacher of its fine-tuning): the run recorded as `teacher` in its
     config.json, or the original weights inside the run itself."""
-    config = read_config(run)
-    teacher = Path(config["dynamize"].get("teacher", run))
+    teacher = Run(Path(run), read_config(run), None).teacher
     if not teacher.is_dir():
         raise RunError(f"the teacher run {teacher} recorded in {Path(run) / CONFIG} is gone")
     return load_base(teacher)
