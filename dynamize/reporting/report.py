@@ -74,12 +74,13 @@ def default_output(names: Sequence[str], static: bool = False) -> Path:
 
 
 def data_spec(run: Path, config: dict, data: str | None = None, data_dir: str | None = None) -> DataSpec:
-    """The evaluation data of a run: `data` if given, else the data set its recipe was fine-tuned on.
+    """The evaluation data of a run: `data` if given, else the data set it was fine-tuned on, or the one a converted
+    `dynamize train` run was trained on.
 
     Raises:
-        DataError: no data given and the run records none (a converted, not fine-tuned run).
+        DataError: no data given and the run records none (converted from a timm model, not fine-tuned).
     """
-    recipe = config["dynamize"].get("recipe") or {}
+    recipe = config["dynamize"].get("recipe") or config["dynamize"].get("data") or {}
     in_chans, img_size = config["dynamize"]["plan"]["input_size"][:2]
     name = data or recipe.get("data")
     if not name:
@@ -249,7 +250,7 @@ def static_entry(run: Path, name: str | None = None) -> dict:
     """A run's plan and FLOPs accounting, without data: what each block and group could cost at most."""
     run = Path(run)
     checked = check_run(run, GATED)
-    config, plan = checked.config, checked.plan
+    config, plan = checked.config, checked.gate_plan
     return {**_run_header(run, name or run.resolve().name, config, plan), "data": None, "accuracy": None,
             "teacher": None,
             "flops": {"original_gflops": plan.total_flops / 1e9, "gate_overhead": plan.gate_flops / plan.total_flops,

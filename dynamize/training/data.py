@@ -145,9 +145,9 @@ def _verify_images(files) -> None:
             raise DataError(f"cannot read image {f}; remove or replace it") from None
 
 
-def _folder_dataset(split: Path, class_map: dict | None = None):
+def _folder_dataset(split: Path, **kwargs):
     try:
-        return create_dataset("", root=str(split), search_split=False, class_map=class_map)
+        return create_dataset("", root=str(split), search_split=False, **kwargs)
     except Exception as e:  # timm raises plain errors for unreadable folders
         raise DataError(f"cannot read {split} as an image folder ({str(e)[:120]})") from None
 
@@ -163,7 +163,7 @@ def _raw_splits(spec: DataSpec):
         train_dir, eval_dir = _folder_splits(Path(spec.name))
         train = _folder_dataset(train_dir)
         # The training folder's class indices, so that an evaluation folder missing a class keeps the same labels.
-        return train, _folder_dataset(eval_dir, train.reader.class_to_idx) if eval_dir is not None else None
+        return train, _folder_dataset(eval_dir, class_map=train.reader.class_to_idx) if eval_dir is not None else None
     try:
         return tuple(create_dataset(spec.name, root=spec.data_dir, split=split, download=False)
                      for split in ("train", "validation"))
@@ -198,9 +198,9 @@ class HeldOut(Subset):
 
 class Splits(NamedTuple):
     """The three disjoint splits of a data set."""
-    train: Dataset
-    calib: Dataset
-    evaluation: Dataset
+    train: Subset
+    calib: Subset
+    evaluation: "_Images | HeldOut"
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "calib": len(self.calib), "eval": len(self.evaluation)}
@@ -229,7 +229,7 @@ def _mode(spec: DataSpec) -> str:
     return "L" if spec.in_chans == 1 else "RGB"
 
 
-def _evaluation(spec: DataSpec, raw_train, raw_eval) -> tuple[Dataset, list[int]]:
+def _evaluation(spec: DataSpec, raw_train, raw_eval) -> tuple["_Images | HeldOut", list[int]]:
     """The evaluation split and the indices of the training images it leaves for training and calibration."""
     if raw_eval is not None:
         return _Images(raw_eval, _mode(spec), transform(spec, False)), list(range(len(raw_train)))

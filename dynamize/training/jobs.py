@@ -56,7 +56,7 @@ def train_base(recipe: Recipe, out: Path, resume: bool = False, console: Console
     ddp = init_distributed()
     data = check_train(recipe, out, resume, init)
     if ddp.main:
-        console.print(data.describe(), highlight=False)
+        console.print(data.describe(), highlight=False, soft_wrap=True)
     train, calib, test = data
     torch.manual_seed(recipe.seed)
     model = create_base(recipe.model, num_classes=num_classes(train), in_chans=recipe.in_chans)
@@ -83,7 +83,7 @@ def finetune(run: Path, recipe: Recipe, out: Path, resume: bool = False, console
     ddp = init_distributed()
     inputs = check_finetune(run, recipe, out, resume)
     if ddp.main:
-        console.print(inputs.splits.describe(), highlight=False)
+        console.print(inputs.splits.describe(), highlight=False, soft_wrap=True)
     student = load(run)
     teacher = load_teacher(run)
     config = inputs.run.config

@@ -64,9 +64,9 @@ def check_reachable(plan: GatePlan, budget: float, kinds: str) -> None:
                           f"choose a budget of at least {floor:.3f}")
 
 
-def _retrain_hint(run: Run) -> str:
+def _retrain_hint(run: Run, data: str) -> str:
     return (f"train a classifier for the data first: `dynamize train {run.architecture} --checkpoint {run.path} "
-            "--data DATA` (it keeps the backbone), then `dynamize convert` the trained run")
+            f"--data {data}` (it keeps the backbone), then `dynamize convert` the trained run")
 
 
 def finetune_recipe(run: Run, name_or_path: str | Path | None = None, overrides: list[str] | None = None,
@@ -79,11 +79,12 @@ def finetune_recipe(run: Run, name_or_path: str | Path | None = None, overrides:
     given). The model is always the run's own.
     """
     recorded = run.info.get("data") or {}
-    chans, size = run.plan.input_size[:2]
+    chans, size = run.gate_plan.input_size[:2]
     name = name_or_path or default_recipe(run.architecture, size, asked.get("data") or recorded.get("data"))
-    defaults = {"data": recorded.get("data"), "data_dir": None if asked.get("data") else recorded.get("data_dir"),
-                "in_chans": chans, "img_size": size}
     overridden = {o.partition("=")[0].strip() for o in overrides or []}
+    other_data = asked.get("data") is not None or "data" in overridden  # the recorded data_dir is not its folder
+    defaults = {"data": recorded.get("data"), "data_dir": None if other_data else recorded.get("data_dir"),
+                "in_chans": chans, "img_size": size}
     values = {**{k: v for k, v in defaults.items() if k not in overridden},
               **{k: v for k, v in asked.items() if v is not None}, "model": run.architecture}
     keys = given_keys(name_or_path, overrides, **asked) | {"model"}
@@ -107,17 +108,17 @@ def check_finetune(run: str | Path, recipe: Recipe, out: str | Path, resume: boo
     if not teacher.info.get("head_trained", True):
         raise RunError(f"the classifier of {teacher.path} was never trained (converted with --no-pretrained and no "
                        "--checkpoint, or with a new --num-classes), and distilling from it would teach random "
-                       f"logits; {_retrain_hint(teacher)}")
+                       f"logits; {_retrain_hint(teacher, recipe.data)}")
     if recipe.in_chans != checked.in_chans:
         raise RecipeError(f"in_chans={recipe.in_chans}, but {checked.path} takes {checked.in_chans}-channel input")
-    check_reachable(checked.plan, recipe.budget, recipe.gates)
+    check_reachable(checked.gate_plan, recipe.budget, recipe.gates)
     check_output(Path(out), resume)
     data = splits(recipe)
     classes = num_classes(data.train)
     for model in {id(checked): checked, id(teacher): teacher}.values():
         if classes != model.num_classes:
             raise RunError(f"{recipe.data} has {classes} classes but {model.path} has a {model.num_classes}-class "
-                           f"classifier; {_retrain_hint(model)}")
+                           f"classifier; {_retrain_hint(model, recipe.data)}")
     return FinetuneInputs(checked, teacher, data)
 
 
@@ -158,7 +159,7 @@ def check_calibrate(run: str | Path, budget: float, out: str | Path, data: str |
     """
     checked = check_run(run, GATED)
     recipe = calibrate_recipe(checked, budget, data, data_dir)
-    check_reachable(checked.plan, budget, checked.info.get("gates_trained", recipe.gates))
+    check_reachable(checked.gate_plan, budget, checked.info.get("gates_trained", recipe.gates))
     check_output_dir(Path(out))
     data_splits = splits(recipe)
     classes = num_classes(data_splits.train)

@@ -7,6 +7,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import timm
 import yaml
@@ -75,7 +76,7 @@ class Recipe:
         return asdict(self)
 
 
-def _typed(key: str, value, kind) -> object:
+def _typed(key: str, value, kind) -> Any:
     """Check one value against the field's type, accepting ints where floats are expected."""
     base = [t for t in getattr(kind, "__args__", (kind,)) if t is not type(None)][0]
     if value is None and type(None) in getattr(kind, "__args__", ()):

@@ -29,3 +29,7 @@ def test_readme_flow_keeps_the_input_size_and_holds_out_evaluation(readme_flow, 
     report = json.loads((tmp_path / "report" / "report.json").read_text())["runs"][0]
     assert report["input_size"] == [3, 32, 32] and report["data"]["img_size"] == 32
     assert report["data"]["images"] == len(evaluation)
+    # The converted run, too, is evaluated on the data it records.
+    assert run(["report", str(root / "conv"), "-o", str(tmp_path / "conv-report")]) == 0
+    report = json.loads((tmp_path / "conv-report" / "report.json").read_text())["runs"][0]
+    assert report["data"]["name"] == str(data) and report["data"]["images"] == len(evaluation)
