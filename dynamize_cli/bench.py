@@ -9,6 +9,8 @@ from rich.table import Table
 from dynamize.runtime.bench import BenchResult, open_target, write_results
 from dynamize.runtime.bench import bench as run_bench
 
+from .options import in_range
+
 
 def results_table(results: list[BenchResult], title: str) -> Table:
     """Measured speedup next to the speedup the FLOPs promise."""
@@ -23,12 +25,15 @@ def results_table(results: list[BenchResult], title: str) -> Table:
 
 def bench(
     target: str = typer.Argument(..., metavar="RUN|MODEL", help="run directory, or timm model name with --fraction"),
-    fraction: float | None = typer.Option(None, help="force random decisions with this FLOPs fraction, in (0, 1]"),
-    batch_size: list[int] = typer.Option([1, 32], "--batch-size", "-b", help="batch size (repeatable)"),
-    img_size: int | None = typer.Option(None, help="square input size (default: the plan's)"),
-    threads: int | None = typer.Option(None, help="torch threads (default: torch's)"),
-    repeats: int = typer.Option(10, min=1, help="timed passes per model and configuration"),
-    warmup: int = typer.Option(2, min=0, help="untimed passes first"),
+    fraction: float | None = typer.Option(None, help="force random decisions with this FLOPs fraction, in (0, 1]",
+                                          callback=in_range("fraction")),
+    batch_size: list[int] = typer.Option([1, 32], "--batch-size", "-b", help="batch size (repeatable)",
+                                         callback=in_range("batch_size")),
+    img_size: int | None = typer.Option(None, help="square input size (default: the plan's)",
+                                        callback=in_range("img_size")),
+    threads: int | None = typer.Option(None, help="torch threads (default: torch's)", callback=in_range("threads")),
+    repeats: int = typer.Option(10, help="timed passes per model and configuration", callback=in_range("repeats")),
+    warmup: int = typer.Option(2, help="untimed passes first", callback=in_range("warmup")),
     channels_last: bool = typer.Option(True, "--channels-last/--no-channels-last", help="memory format of both"),
     json_out: Path | None = typer.Option(None, "--json", help="also write the results to this JSON file"),
 ) -> None:

@@ -5,10 +5,12 @@ import typer
 from rich.console import Console
 
 import dynamize
+from dynamize.io.runs import new_run_dir
 from dynamize.models import create_base
 from dynamize.training.jobs import finetune, train_base
 from dynamize.training.recipe import load_recipe
 
+from .options import in_range
 from .train import _summary
 
 # Subsampled so that the demo finishes in minutes on 2 CPU cores; the benchmark uses the full data.
@@ -16,11 +18,13 @@ DEMO = ["train_subset=5000", "epochs=2", "calib_size=1000", "eval_subset=2000", 
 
 
 def demo(
-    output: Path = typer.Option(Path("runs/demo"), "-o", "--output", help="where the demo's runs go"),
-    budget: float = typer.Option(0.5, help="FLOPs budget for the dynamic model"),
+    output: Path | None = typer.Option(None, "-o", "--output", help="where the demo's runs go (default: runs/demo, "
+                                                                     "or runs/demo-2, ... if taken)"),
+    budget: float = typer.Option(0.5, help="FLOPs budget for the dynamic model", callback=in_range("budget")),
 ) -> None:
     """Train a ResNet-18 teacher on Fashion-MNIST, convert it, fine-tune it at a FLOPs budget, and report."""
     console = Console()
+    output = output or new_run_dir("demo")
     console.rule("1/3  train a ResNet-18 teacher on Fashion-MNIST (5,000 images, 2 epochs, 32 px)")
     teacher_recipe = load_recipe("fashion-mnist-resnet18", DEMO + ["lr_backbone=0.002", "weight_decay=0.05"])
     train_base(teacher_recipe, output / "teacher", console=console)

@@ -57,6 +57,26 @@ class Run:
     def in_chans(self) -> int:
         return int(self.config["in_chans"])
 
+    @property
+    def gate_plan(self) -> GatePlan:
+        """The plan of a gated run.
+
+        Raises:
+            RunError: the run holds a plain model.
+        """
+        if self.plan is None:
+            raise RunError(_plain_model(self.path))
+        return self.plan
+
+    @property
+    def teacher(self) -> Path:
+        """The run holding this run's original model (the teacher of its fine-tuning): recorded, or the run itself."""
+        return Path(self.info.get("teacher", self.path))
+
+
+def _plain_model(path: Path) -> str:
+    return f"{path} holds a plain model (from `dynamize train`), not a gated one; run `dynamize convert {path}` first"
+
 
 def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in version.split(".")[:3] if p.isdigit())
@@ -110,8 +130,7 @@ def check_run(path: str | Path, kind: str | None = None) -> Run:
     plan = GatePlan.from_dict(config["dynamize"]["plan"]) if "plan" in config["dynamize"] else None
     run = Run(path, config, plan)
     if kind == GATED and plan is None:
-        raise RunError(f"{path} holds a plain model (from `dynamize train`), not a gated one; run "
-                       f"`dynamize convert {path}` first")
+        raise RunError(_plain_model(path))
     if kind == BASE and plan is not None:
         raise RunError(f"{path} holds a gated model; expected a plain model from `dynamize train`")
     found = _weights_header(path / WEIGHTS)
@@ -189,8 +208,7 @@ def load_base(path: str | Path) -> nn.Module:
 def load_teacher(run: str | Path) -> nn.Module:
     """The original model of a gated run (the teacher of its fine-tuning): the run recorded as `teacher` in its
     config.json, or the original weights inside the run itself."""
-    config = read_config(run)
-    teacher = Path(config["dynamize"].get("teacher", run))
+    teacher = Run(Path(run), read_config(run), None).teacher
     if not teacher.is_dir():
         raise RunError(f"the teacher run {teacher} recorded in {Path(run) / CONFIG} is gone")
     return load_base(teacher)

@@ -13,7 +13,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,6 +141,26 @@ def checkpoint_recipe(out: Path) -> Recipe:
         return Recipe(**json.loads((ckpt / "state.json").read_text())["recipe"]).validate()
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
         raise _checkpoint_error(ckpt, e) from None
+
+
+def resume_recipe(out: Path, asked: Recipe, keys: Iterable[str]) -> Recipe:
+    """The recipe `--resume` continues with: the checkpoint's. Values asked for again must be the same.
+
+    Args:
+        out: the run directory being resumed.
+        asked: the recipe built from what was asked for on this command line.
+        keys: the keys the user gave (options, overrides, a recipe file); the others are not compared.
+
+    Raises:
+        RunError: no checkpoint, a damaged one, or a key whose asked value differs from the checkpoint's.
+    """
+    recipe = checkpoint_recipe(out)
+    for key in sorted(keys):
+        then, now = getattr(recipe, key), getattr(asked, key)
+        if then != now:
+            raise RunError(f"{out} was started with {key}={then!r}, not {now!r}; resume with the same values "
+                           "(or leave them out), or start a new run with another -o")
+    return recipe
 
 
 class _StopFlag:

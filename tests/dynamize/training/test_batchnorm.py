@@ -1,10 +1,10 @@
 """BatchNorm re-estimation: running statistics recomputed for the model's own decisions."""
 import timm
 import torch
+from helpers import randomize
 
 import dynamize
 from dynamize.training.batchnorm import reestimate_batchnorm
-from helpers import randomize
 
 
 def test_reestimation_replaces_running_statistics_with_the_data_average():

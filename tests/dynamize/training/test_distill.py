@@ -1,5 +1,6 @@
 """Budget-controlled distillation on a tiny model and data set: the gates reach the budget in training, then settle."""
 import timm
+from helpers import make_image_folder, randomize
 
 import dynamize
 from dynamize.training.calibrate import mean_fraction
@@ -7,7 +8,6 @@ from dynamize.training.data import DataSpec, datasets, loader
 from dynamize.training.distill import BudgetDistillationTask, configure_gates, param_groups
 from dynamize.training.loop import fit
 from dynamize.training.recipe import load_recipe
-from helpers import make_image_folder, randomize
 
 SIZE = 32
 

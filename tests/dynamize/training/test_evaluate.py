@@ -4,10 +4,10 @@ import math
 import pytest
 import timm
 import torch
+from helpers import randomize
 
 import dynamize
 from dynamize.training.evaluate import STATIC_SPREAD, adaptivity, predict, summarize
-from helpers import randomize
 
 
 def test_adaptivity_of_forced_known_decisions():
