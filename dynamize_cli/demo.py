@@ -11,7 +11,7 @@ from dynamize.training.jobs import finetune, train_base
 from dynamize.training.recipe import load_recipe
 
 from .options import in_range
-from .train import _summary
+from .tables import print_result
 
 # Subsampled so that the demo finishes in minutes on 2 CPU cores; the benchmark uses the full data.
 DEMO = ["train_subset=5000", "epochs=2", "calib_size=1000", "eval_subset=2000", "checkpoint_every=0"]
@@ -34,7 +34,7 @@ def demo(
     console.rule(f"3/3  fine-tune at budget {budget} (distillation from the teacher), then calibrate")
     recipe = load_recipe("fashion-mnist-resnet18", DEMO, budget=budget)
     result = finetune(output / "resnet18", recipe, output / f"resnet18-b{budget:.2f}", console=console)
-    console.print(_summary(f"Fashion-MNIST test set (first {recipe.eval_subset} images)", result, budget))
+    print_result(console, f"Fashion-MNIST test set (first {recipe.eval_subset} images)", result, budget)
     console.print(f"runs in [bold]{output}[/bold]; the teacher and the dynamic model were trained on a 5,000-image "
                   "subsample for speed (see docs/benchmarks.md for full runs)")
 

@@ -3,7 +3,6 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from dynamize.io.runs import GATED, check_run, latest_run, new_run_dir
 from dynamize.training.jobs import finetune as finetune_job
@@ -13,22 +12,9 @@ from dynamize.training.preflight import finetune_recipe
 from dynamize.training.recipe import given_keys, load_recipe
 
 from .options import in_range
+from .tables import print_result
 
 RECIPE_HELP = "recipe name (in recipes/) or path to a YAML file"
-
-
-def _summary(title: str, result: dict, budget: float | None = None, name: str = "dynamic") -> Table:
-    t = Table(title=title, title_justify="left")
-    for col in ("model", "top-1 %", "top-5 %", "FLOPs fraction (mean)", "p95"):
-        t.add_column(col, justify="right")
-    if "teacher_eval" in result:
-        e = result["teacher_eval"]
-        t.add_row("teacher (original)", f"{e['top1']:.2f}", f"{e['top5']:.2f}", "1.000", "1.000")
-    e = result["eval"]
-    name += f" (budget {budget:.2f})" if budget else ""
-    t.add_row(name, f"{e['top1']:.2f}", f"{e['top5']:.2f}", f"{e.get('flops_mean', 1):.3f}",
-              f"{e.get('flops_p95', 1):.3f}")
-    return t
 
 
 def train(
@@ -53,7 +39,7 @@ def train(
     console = Console()
     result = train_base(r, out, resume=resume, console=console, init=checkpoint)
     if result:
-        console.print(_summary(f"trained {model}", result, name=model))
+        print_result(console, f"trained {model}", result, name=model)
         console.print(f"wrote [bold]{out}[/bold]; next: dynamize convert {out}")
 
 
@@ -82,7 +68,7 @@ def finetune(
     console = Console()
     result = finetune_job(run, r, out, resume=resume, console=console)
     if result:
-        console.print(_summary(f"fine-tuned {run} at budget {r.budget:.2f}", result, r.budget))
+        print_result(console, f"fine-tuned {run} at budget {r.budget:.2f}", result, r.budget)
         console.print(f"wrote [bold]{out}[/bold]")
 
 
@@ -98,7 +84,7 @@ def calibrate(
     out = output or Path(f"{run}-c{budget:.2f}")
     result = recalibrate(run, budget, out, data, data_dir)
     console = Console()
-    console.print(_summary(f"calibrated {run} to budget {budget:.2f}", result, budget))
+    print_result(console, f"calibrated {run} to budget {budget:.2f}", result, budget)
     console.print(f"wrote [bold]{out}[/bold]")
 
 
