@@ -151,9 +151,10 @@ class GatedResidual(nn.Module):
 
     def forward(self, x: torch.Tensor, shortcut: torch.Tensor, pooled: torch.Tensor, *extra) -> torch.Tensor:
         keep, scale = self.gate(pooled)
-        if self.training and torch.is_grad_enabled() and self.gate.learning:
-            return shortcut + (keep * scale).reshape(-1, 1, 1, 1) * self.branch(x, *extra)
         idx = keep[:, 0].nonzero()[:, 0]
+        # In training, one image alone cannot give BatchNorm statistics (a 1x1 map): it runs with the others.
+        if self.training and torch.is_grad_enabled() and (self.gate.learning or idx.numel() == 1):
+            return shortcut + (keep * scale).reshape(-1, 1, 1, 1) * self.branch(x, *extra)
         if idx.numel() == x.shape[0]:
             return shortcut + scale.reshape(-1, 1, 1, 1) * self.branch(x, *extra)
         if idx.numel():

@@ -199,8 +199,9 @@ def _insert_gates(unit: DynamicUnit, graph: fx.Graph, blocks: list[BlockSite],
     return graph, branches
 
 
-class DynamicNet:
-    """The methods a gated timm model gains. A converted model is an instance of its own timm class and of this.
+class DynamicNet(nn.Module):
+    """The methods a gated timm model gains. A converted model is an instance of its own timm class and of this
+    (its class is `Dynamic<TimmClass>(DynamicNet, TimmClass)`; this class adds methods only, no state or __init__).
 
     Attributes:
         plan: the GatePlan the model was built from.
