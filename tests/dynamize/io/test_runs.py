@@ -20,7 +20,7 @@ from dynamize.training.distill import configure_gates
 def test_one_kind_run_keeps_its_decisions_after_save_and_load(tmp_path, kinds, closed):
     net = randomize_gates(dynamize.convert(randomize(timm.create_model("test_resnet", num_classes=3)), img_size=32))
     configure_gates(net, kinds, 1.0)
-    set_thresholds(net, {"layer": 3.5, "channel": 3.5})  # a calibration offset above the untrained gates' open logit (+3)
+    set_thresholds(net, {"layer": 3.5, "channel": 3.5})  # above the untrained gates' open logit (+3)
     images = torch.randn(6, 3, 32, 32)
     with torch.no_grad():
         before = net.eval()(images)
