@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import ModelError, RunError
 from ..graph.convert import convert
 from ..graph.plan import GatePlan
-from ..graph.rewrite import rewrite
+from ..graph.rewrite import DynamicNet, rewrite
 from ..models import check_model_name, create_base
 from ..version import __version__
 from .atomic import write_dir, write_json
@@ -180,7 +180,7 @@ def _load(run: Run) -> nn.Module:
     return model.eval()
 
 
-def load(path: str | Path) -> nn.Module:
+def load(path: str | Path) -> DynamicNet:
     """Rebuild a gated model from a run directory: fresh timm base model, replayed plan, strict weights.
 
     Raises:
@@ -235,7 +235,7 @@ def _write_run(path: str | Path, state: dict[str, torch.Tensor], config: dict) -
     return write_dir(path, write, keep=lambda entry: entry.name not in (CONFIG, WEIGHTS))
 
 
-def save(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+def save(model: DynamicNet, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Save a gated model as the run directory `path`, as one step (other files of an existing run are kept).
 
     Args:

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset, Subset
 from ..errors import OutputError
 from ..graph.cost import GATES, OUTSIDE, flops_by_part, flops_per_image
 from ..graph.plan import GatePlan
+from ..graph.rewrite import DynamicNet
 from ..io.atomic import check_output_dir, write_json, write_text
 from ..io.runs import GATED, check_run, latest_run, load, load_teacher
 from ..runtime.bench import bench, open_target
@@ -103,7 +104,7 @@ def class_names(ds: Dataset, n: int) -> list[str]:
 
 
 @torch.no_grad()
-def _collect(model: nn.Module, teacher: nn.Module, data) -> dict[str, torch.Tensor]:
+def _collect(model: DynamicNet, teacher: nn.Module, data) -> dict[str, torch.Tensor]:
     """One pass over `data`: labels, top-5 of both models, FLOPs fractions and parts, every gate's decisions."""
     model.eval()
     teacher.eval()

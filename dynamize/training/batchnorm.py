@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..graph.rewrite import DynamicNet
+
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 
 
@@ -62,7 +64,7 @@ def _measuring(norms: list[_BatchNorm]) -> Iterator[dict[_BatchNorm, _Moments]]:
 
 
 @torch.no_grad()
-def reestimate_batchnorm(model: nn.Module, data: DataLoader, images: int = 2000) -> int:
+def reestimate_batchnorm(model: DynamicNet, data: DataLoader, images: int = 2000) -> int:
     """Recompute every BatchNorm's running mean and variance as the average over the values it sees when the model
     runs, with its evaluation decisions, on up to `images` images (whole batches).
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
-from torch import nn
 
 from ..graph.cost import decisions, parts
+from ..graph.rewrite import DynamicNet
 
 
 def _cosine_decay(progress: float, span: float) -> float:
@@ -49,7 +49,7 @@ class BudgetSchedule:
         return cls(target, _cosine_decay(progress, bounds_fraction), noise, _cosine_decay(progress, 1.0))
 
 
-def block_densities(model: nn.Module) -> torch.Tensor:
+def block_densities(model: DynamicNet) -> torch.Tensor:
     """Each controllable part's mean FLOPs density over the batch of the last pass: per gated block its FLOPs over
     its full FLOPs, and per channel group outside the blocks its kept fraction. Differentiable in training."""
     plan = model.plan

@@ -5,20 +5,20 @@ gates all reach the budget; calibration tries each direction (bisection along it
 accuracy on the held-out data. Training is meant to reach the budget itself, so calibration only trims.
 """
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
+from ..graph.rewrite import DynamicNet
 from .evaluate import predict
 
 KINDS = ("layer", "channel")
 
 
-def active_kinds(model: nn.Module) -> list[str]:
+def active_kinds(model: DynamicNet) -> list[str]:
     """The kinds of gates that were trained (inactive gates stay open and are never calibrated)."""
     return [k for k in KINDS if any(kind == k and gate.is_active for kind, _, gate in model.gates())]
 
 
-def thresholds(model: nn.Module) -> dict[str, float]:
+def thresholds(model: DynamicNet) -> dict[str, float]:
     """The current threshold offset of each active kind of gate."""
     out: dict[str, float] = {}
     for kind, _, gate in model.gates():
@@ -27,7 +27,7 @@ def thresholds(model: nn.Module) -> dict[str, float]:
     return out
 
 
-def set_thresholds(model: nn.Module, offsets: dict[str, float]) -> None:
+def set_thresholds(model: DynamicNet, offsets: dict[str, float]) -> None:
     """Move the decision threshold (a saved buffer) of every active gate of each kind in `offsets`."""
     for kind, _, gate in model.gates():
         if gate.is_active and kind in offsets:
@@ -35,7 +35,7 @@ def set_thresholds(model: nn.Module, offsets: dict[str, float]) -> None:
 
 
 @torch.no_grad()
-def mean_fraction(model: nn.Module, data: DataLoader) -> float:
+def mean_fraction(model: DynamicNet, data: DataLoader) -> float:
     return predict(model, data)["fractions"].mean().item()
 
 
@@ -43,7 +43,7 @@ def _top1(pred: dict[str, torch.Tensor]) -> float:
     return 100 * (pred["top5"][:, 0] == pred["labels"]).float().mean().item()
 
 
-def _along(model: nn.Module, data: DataLoader, budget: float, start: dict[str, float], direction: dict[str, float],
+def _along(model: DynamicNet, data: DataLoader, budget: float, start: dict[str, float], direction: dict[str, float],
            tol: float, iters: int, span: float) -> dict:
     """Bisect t so that thresholds start + t * direction give the budget (the fraction falls as t grows)."""
     lo, hi = -span, span
@@ -62,7 +62,7 @@ def _along(model: nn.Module, data: DataLoader, budget: float, start: dict[str, f
     return best
 
 
-def calibrate(model: nn.Module, data: DataLoader, budget: float, tol: float = 0.005, iters: int = 16,
+def calibrate(model: DynamicNet, data: DataLoader, budget: float, tol: float = 0.005, iters: int = 16,
               span: float = 12.0) -> dict:
     """Set the threshold offsets whose mean FLOPs fraction on `data` is closest to `budget`, best accuracy first.
 

@@ -15,6 +15,7 @@ from timm.utils import unwrap_model
 from torch import nn
 
 from ..graph.cost import flops_per_image
+from ..graph.rewrite import DynamicNet
 from .budget import BudgetSchedule, batch_shaping_loss, block_densities, bounds_loss
 from .recipe import Recipe
 
@@ -54,7 +55,7 @@ class BudgetDistillationTask(LogitDistillationTask):
         self.kinds = 1 + (recipe.gates == "both")
 
     @property
-    def student(self) -> nn.Module:
+    def student(self) -> DynamicNet:
         return unwrap_model(self.trainable_module)
 
     def on_step(self, step: int, total: int) -> None:
@@ -89,7 +90,7 @@ class BudgetDistillationTask(LogitDistillationTask):
         return out
 
 
-def configure_gates(model: nn.Module, kinds: str, tau: float) -> None:
+def configure_gates(model: DynamicNet, kinds: str, tau: float) -> None:
     """Train only the chosen kind of gates ("layer", "channel", "both"); the others stay open at scale 1.
 
     Whether a gate is active is part of its state dict, so a run keeps its kinds after save and load.
@@ -102,7 +103,7 @@ def configure_gates(model: nn.Module, kinds: str, tau: float) -> None:
             p.requires_grad_(trained)
 
 
-def param_groups(model: nn.Module, recipe: Recipe) -> list[dict]:
+def param_groups(model: DynamicNet, recipe: Recipe) -> list[dict]:
     """Backbone and gate parameters with their own learning rates; gates get no weight decay.
 
     Every gate parameter is listed (also those frozen now), so that settling can freeze and a resume can restore.

@@ -18,7 +18,7 @@ def _code_weights(units: int) -> torch.Tensor:
     return torch.rand(units, dtype=torch.float64, generator=torch.Generator().manual_seed(units))
 
 
-def decision_codes(model: nn.Module) -> torch.Tensor:
+def decision_codes(model: DynamicNet) -> torch.Tensor:
     """One number per image of the last pass that differs between images whose decisions differ (a random
     projection of every active gate's 0/1 decisions), [batch]."""
     keep = torch.cat([gate.last_keep > 0.5 for _, _, gate in model.gates() if gate.is_active], dim=1)

@@ -10,6 +10,7 @@ from timm.task import ClassificationTask
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from ..graph.rewrite import DynamicNet
 from ..io.runs import load, load_base, load_teacher, save, save_base
 from ..models import create_base, load_backbone, read_state_dict
 from ..version import __version__
@@ -81,7 +82,7 @@ def train_base(recipe: Recipe, out: Path, resume: bool = False, console: Console
     return result
 
 
-def settle(model: nn.Module, calib: DataLoader, recipe: Recipe, console: Console | None = None) -> dict:
+def settle(model: DynamicNet, calib: DataLoader, recipe: Recipe, console: Console | None = None) -> dict:
     """Bring a gated model to the budget for inference: BatchNorm re-estimated, thresholds calibrated on held-out
     data, BatchNorm re-estimated for the calibrated decisions, repeated while the fraction drifts off the budget.
 
