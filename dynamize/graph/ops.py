@@ -9,6 +9,7 @@ import operator
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Conv2dSame
 from torch import fx, nn
 
 
@@ -45,15 +46,25 @@ def is_conv(m: nn.Module | None) -> bool:
     return isinstance(m, nn.Conv2d)
 
 
+# Convolutions that run their `weight` as it is stored, so a subset of channels runs on a slice of it. Weight-
+# standardising convolutions (StdConv2d, ScaledStdConv2d: NF nets, BiT) normalise each filter over all its inputs
+# first, and a slice of the stored weight would compute something else.
+_PLAIN_CONV_FORWARDS = (nn.Conv2d.forward, Conv2dSame.forward)
+
+
+def is_plain_conv(m: nn.Module | None) -> bool:
+    """A convolution with zero padding that convolves with its stored weight (the runtime can slice its filters)."""
+    return isinstance(m, nn.Conv2d) and type(m).forward in _PLAIN_CONV_FORWARDS and m.padding_mode == "zeros"
+
+
 def is_full_conv(m: nn.Module | None) -> bool:
-    """A convolution over all input channels whose filters the runtime can slice (zero padding)."""
-    return isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros"
+    """A plain convolution over all input channels."""
+    return is_plain_conv(m) and m.groups == 1
 
 
 def is_depthwise(m: nn.Module | None) -> bool:
-    """A depthwise convolution: one filter per channel, so it can run on any subset of channels."""
-    return (isinstance(m, nn.Conv2d) and m.groups == m.in_channels == m.out_channels and m.groups > 1
-            and m.padding_mode == "zeros")
+    """A plain depthwise convolution: one filter per channel, so it can run on any subset of channels."""
+    return is_plain_conv(m) and m.groups == m.in_channels == m.out_channels and m.groups > 1
 
 
 def is_running_batchnorm(m: nn.Module | None) -> bool:
