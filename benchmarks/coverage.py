@@ -30,25 +30,26 @@ from helpers import randomize  # noqa: E402  (the tests' weight randomiser: resi
 ARCHS = {
     # ResNet and its variants
     "resnet26": 64, "resnet34d": 64, "resnet101": 64, "wide_resnet50_2": 64, "resnetblur18": 64, "resnetaa34d": 64,
-    "resnetrs50": 64, "ecaresnet26t": 64, "seresnext26d_32x4d": 64, "legacy_seresnet18": 64, "resnetv2_50": 64,
-    "resnetv2_50x1_bit": 64, "skresnet34": 64, "skresnext50_32x4d": 64, "res2next50": 64, "resnest14d": 64,
-    "tresnet_m": 64, "nf_resnet50": 64, "nf_regnet_b0": 64, "eca_nfnet_l0": 64, "dm_nfnet_f0": 64,
+    "resnetrs50": 64, "ecaresnetlight": 64, "seresnet50": 64, "seresnext26d_32x4d": 64, "legacy_seresnet18": 64,
+    "resnetv2_50": 64, "resnetv2_50x1_bit": 64, "resnetv2_50d_evos": 64, "skresnet34": 64, "skresnext50_32x4d": 64,
+    "res2next50": 64, "resnest26d": 64, "tresnet_m": 64, "nf_resnet50": 64, "nf_regnet_b0": 64, "eca_nfnet_l0": 64,
+    "dm_nfnet_f0": 64,
     # byobnet (ResNet-style blocks from one config), RegNet
-    "resnet33ts": 64, "gcresnext26ts": 64, "gernet_s": 64, "repvgg_b0": 64, "mobileone_s0": 64,
+    "resnet33ts": 64, "gcresnext26ts": 64, "gernet_m": 64, "repvgg_b0": 64, "mobileone_s1": 64,
     "regnetx_004": 64, "regnety_004": 64, "regnetz_b16": 64, "regnetv_040": 64,
     # mobile nets
-    "mobilenetv1_100": 64, "mobilenetv2_050": 64, "mobilenetv3_large_100": 64, "tf_mobilenetv3_small_minimal_100": 64,
+    "mobilenetv1_125": 64, "mobilenetv2_050": 64, "mobilenetv3_large_100": 64, "tf_mobilenetv3_small_minimal_100": 64,
     "mobilenetv4_conv_small": 64, "efficientnet_b1": 64, "tf_efficientnet_b0": 64, "efficientnet_es": 64,
-    "efficientnetv2_rw_t": 64, "efficientnet_lite0": 64, "mixnet_m": 64, "mnasnet_small": 64, "semnasnet_075": 64,
-    "spnasnet_100": 64, "tinynet_a": 64, "fbnetc_100": 64, "fbnetv3_b": 64, "lcnet_075": 64, "hardcorenas_a": 64,
-    "ghostnet_050": 64, "ghostnetv2_100": 64, "rexnetr_100": 64, "repghostnet_050": 64,
-    # multi-branch and dense nets
-    "dla46_c": 64, "dla60x_c": 64, "dpn48b": 64, "dpn68b": 64, "densenetblur121d": 64, "vgg13_bn": 32,
-    "cspresnext50": 64, "cs3darknet_s": 64, "darknet53": 64, "hrnet_w18_small_v2": 64, "inception_v4": 96,
+    "efficientnetv2_rw_t": 64, "efficientnet_lite1": 64, "mixnet_m": 64, "mnasnet_small": 64, "semnasnet_075": 64,
+    "spnasnet_100": 64, "tinynet_a": 64, "fbnetc_100": 64, "fbnetv3_d": 64, "lcnet_075": 64, "hardcorenas_a": 64,
+    "ghostnet_050": 64, "ghostnetv3_100": 64, "rexnetr_100": 64, "repghostnet_050": 64,
+    # multi-branch, dense and plain nets
+    "dla46_c": 64, "dla60x_c": 64, "dpn68b": 64, "densenetblur121d": 64, "vgg13_bn": 32, "cspresnext50": 64,
+    "cspdarknet53": 64, "cs3darknet_s": 64, "darknet53": 64, "hrnet_w18_small_v2": 64, "inception_v4": 96,
     "inception_resnet_v2": 96, "xception41": 64, "selecsls42": 64, "ese_vovnet19b_dw": 64, "vovnet39a": 64,
-    "hgnet_tiny": 64, "hgnetv2_b0": 64,
-    # ConvNeXt and other modern CNNs
-    "convnext_femto": 64, "convnextv2_atto": 64, "fasternet_t0": 64, "starnet_s1": 64, "inception_next_atto": 64,
+    "hgnet_tiny": 64, "hgnetv2_b1": 64,
+    # ConvNeXt and other recent CNNs
+    "convnext_femto": 64, "convnextv2_femto": 64, "fasternet_t0": 64, "starnet_s1": 64, "inception_next_atto": 64,
 }
 
 
@@ -83,24 +84,31 @@ def table(rows: list[dict]) -> Table:
         gated = r["result"] == "gated"
         t.add_row(r["architecture"], str(r["img_size"]), r["result"], str(r.get("blocks", "")),
                   str(r.get("groups", "")), f"{r['controlled']:.0%}" if gated else "", f"{r['seconds']:.1f}",
-                  r.get("reason", "")[:70])
+                  _short(r.get("reason", "")))
     return t
+
+
+def _short(reason: str) -> str:
+    """A refusal's reasons without the model name and the list of supported families."""
+    return reason.split("; supported:")[0].split(" can gate with --gates both: ")[-1][:110]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", nargs="+", default=list(ARCHS), help="a subset of the list (default: all)")
     parser.add_argument("--json", help="also write the rows as JSON")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (more than the free cores is slow)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     console = Console(width=160)
     console.print(f"dynamize {dynamize.__version__}, timm {timm.__version__}, torch {torch.__version__}, "
-                  f"{time.strftime('%Y-%m-%d %H:%M')}")
+                  f"{torch.get_num_threads()} thread(s), {time.strftime('%Y-%m-%d %H:%M')}")
     rows = []
     for name in args.archs:
         rows.append(check(name, ARCHS.get(name, 64)))
         r = rows[-1]
         console.print(f"{name}: {r['result']} {r.get('blocks', '')}/{r.get('groups', '')} {r['seconds']:.1f}s "
-                      f"{r.get('reason', '')[:100]}")
+                      f"{_short(r.get('reason', ''))}")
     console.print(table(rows))
     covered = sum(r["result"] == "gated" for r in rows)
     console.print(f"coverage: {covered}/{len(rows)} = {covered / len(rows):.1%} of the architectures are gated")

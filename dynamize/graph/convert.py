@@ -14,7 +14,7 @@ from .find import Block, Graph, Group, find_blocks, find_groups, is_residual_add
 from .gates import gate_hidden
 from .plan import GATE_KINDS, BlockSite, ChannelGroup, CostItem, GatePlan, Skipped
 from .rewrite import rewrite
-from .trace import check_cnn, node_shape, trace
+from .trace import check_cnn, input_error, node_shape, trace
 from .units import assign_units, common_unit, crosses_blocks, is_within
 
 # A group outside every residual branch keeps at least this share of its channels: with no shortcut around it,
@@ -50,17 +50,16 @@ def _trace_at_size(model: nn.Module, img_size: int | None) -> tuple[fx.GraphModu
         h = w = img_size
     first = next(m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d))
     candidates = list(dict.fromkeys(c for c in (first, 3, 1, first // 16, first // 4) if c > 0))
-    c = next((c for c in candidates if _runs(model, (c, h, w))), first)  # none runs: trace names the error
-    return trace(model, (c, h, w)), [c, h, w]
-
-
-def _runs(model: nn.Module, input_size: tuple[int, int, int]) -> bool:
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, *input_size))
-    except RuntimeError:
-        return False
-    return True
+    errors = []
+    for c in candidates:
+        try:
+            with torch.no_grad():
+                model(torch.zeros(1, c, h, w))
+        except RuntimeError as e:
+            errors.append(e)
+            continue
+        return trace(model, (c, h, w)), [c, h, w]
+    raise input_error(model, (first, h, w), errors[0])
 
 
 def plan_model(model: nn.Module, *, gates: str = "both", img_size: int | None = None,

@@ -87,7 +87,8 @@ def is_squeeze(node: fx.Node) -> bool:
     if node.op == "call_method" and node.target == "mean":
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         keepdim = node.kwargs.get("keepdim") or (len(node.args) > 2 and node.args[2])
-        return tuple(dims or ()) == (2, 3) and bool(keepdim)
+        dims = {dims} if isinstance(dims, int) else set(dims or ())  # x.mean(1, keepdim=True) is no squeeze
+        return dims in ({2, 3}, {-2, -1}) and bool(keepdim)
     return False
 
 

@@ -76,13 +76,17 @@ def trace(model: nn.Module, input_size: Sequence[int]) -> fx.GraphModule:
         with torch.no_grad():
             ShapeProp(gm).propagate(torch.zeros(1, *input_size))
     except RuntimeError as e:
-        cause = str(e.__cause__ or e).splitlines()[0][:120]
-        hint = "pass a larger --img-size" if "size" in cause else "check --in-chans and --img-size"
-        raise ModelError(f"{type(model).__name__} does not run at input size {tuple(input_size)} ({cause}); "
-                         f"{hint}") from None
+        raise input_error(model, input_size, e) from None
     finally:
         gm.train(was_training)
     return gm
+
+
+def input_error(model: nn.Module, input_size: Sequence[int], error: Exception) -> ModelError:
+    """The error for a model that raised `error` on one image of `input_size`, with what to change."""
+    cause = str(error.__cause__ or error).splitlines()[0][:120]
+    hint = "pass a larger --img-size" if "size" in cause else "check --in-chans and --img-size"
+    return ModelError(f"{type(model).__name__} does not run at input size {tuple(input_size)} ({cause}); {hint}")
 
 
 def check_cnn(model: nn.Module) -> None:

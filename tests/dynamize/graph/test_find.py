@@ -135,3 +135,21 @@ def test_weight_standardised_sink_is_not_grouped():
     groups, skipped = find_groups(g, blocks)
     assert not groups
     assert "StdConv2d, whose weights are not sliceable" in skipped[0].reason
+
+
+class ChannelMean(nn.Module):
+    """Divides by the mean over channels between two convs (ConvNeXt-V2's global response norm does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = conv_bn(), conv_bn()
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        return self.b(y / y.mean(1, keepdim=True))
+
+
+def test_a_mean_over_channels_mixes_them():
+    g, blocks, _ = analyse(ChannelMean())
+    groups, skipped = find_groups(g, blocks)
+    assert not groups and skipped[0].reason == "feeds `mean`, which mixes channels"
