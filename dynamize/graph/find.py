@@ -12,7 +12,7 @@ from torch import fx, nn
 from . import ops
 from .ops import Role
 from .plan import Skipped
-from .trace import node_shape
+from .trace import is_in_place, node_shape
 
 
 @dataclass
@@ -74,13 +74,16 @@ class Graph:
         output = self.nodes[-1]
         live = self.ancestors(output) | {output}
         # Side nodes compute nothing the output reads: shape asserts (`_assert(x.shape[1] == 2)`), in-place updates.
-        # Each one that reads a single computed value hangs on it, and goes wherever that value goes.
+        # One that reads only a value and what that value is computed from hangs on it, and goes wherever the value
+        # goes; an in-place update only if it changes that value.
         self.hanging: dict[fx.Node, list[fx.Node]] = {}
         for n in self.nodes:
             if n not in live:
                 reads = {a for a in self.ancestors(n) if a in live and a.op != "get_attr"}
                 latest = max(reads, key=self.order.get, default=None)
-                if latest is not None and reads <= self.ancestors(latest) | {latest}:
+                if latest is None or not reads <= self.ancestors(latest) | {latest}:
+                    continue
+                if not is_in_place(n) or n.args[0] is latest:
                     self.hanging.setdefault(latest, []).append(n)
 
     def ancestors(self, node: fx.Node) -> set[fx.Node]:
@@ -118,7 +121,7 @@ def find_blocks(g: Graph) -> tuple[list[Block], list[Skipped]]:
             continue
         best = None
         for out, other in (add.args, add.args[::-1]):
-            if len(out.users) != 1:
+            if len(out.users) - len(g.hanging.get(out, ())) != 1:
                 continue
             region, entries = g.owned_region(out)
             if len(entries) != 1:

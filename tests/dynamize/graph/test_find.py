@@ -153,3 +153,29 @@ def test_a_mean_over_channels_mixes_them():
     g, blocks, _ = analyse(ChannelMean())
     groups, skipped = find_groups(g, blocks)
     assert not groups and skipped[0].reason == "feeds `mean`, which mixes channels"
+
+
+class InPlace(nn.Module):
+    """Scales the branch output in place (NF nets' skipinit gain), or with `other`, another value in place."""
+
+    def __init__(self, other: bool = False):
+        super().__init__()
+        self.other = other
+        self.f1, self.f2 = conv_bn(), conv_bn()
+        self.gain = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x):
+        y = self.f1(x)
+        z = self.f2(torch.relu(y))
+        if self.other:
+            y.add_(z)
+        else:
+            z.mul_(self.gain)
+        return x + z
+
+
+def test_an_in_place_update_belongs_to_the_value_it_changes():
+    _, (block,), _ = analyse(InPlace())
+    assert any(n.target == "mul_" for n in block.region)
+    _, blocks, _ = analyse(InPlace(other=True))  # y.add_(z) reads the branch output but changes y
+    assert not blocks
