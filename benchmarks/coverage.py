@@ -68,13 +68,13 @@ def check(name: str, size: int) -> dict:
                 loaded = dynamize.load(dynamize.save(net, Path(tmp) / "run"))
                 reloads = torch.equal(loaded.eval()(x), out)
         summary = net.plan.summary()
-        row.update(blocks=summary["blocks"], groups=summary["groups"], controlled=summary["controlled_share"],
+        row.update(blocks=summary["blocks"], groups=summary["groups"], controlled=round(summary["controlled_share"], 3),
                    exact=exact, reloads=reloads, result="gated" if exact and reloads else "wrong")
     except ModelError as e:
         row.update(result="refused", reason=str(e))
     except Exception as e:  # a crash is a finding, reported in the table rather than stopping the run
         row.update(result="crash", reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    row["seconds"] = time.perf_counter() - start
+    row["seconds"] = round(time.perf_counter() - start, 1)
     return row
 
 

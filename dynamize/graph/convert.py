@@ -55,7 +55,7 @@ def _trace_at_size(model: nn.Module, img_size: int | None) -> tuple[fx.GraphModu
         try:
             with torch.no_grad():
                 model(torch.zeros(1, c, h, w))
-        except RuntimeError as e:
+        except Exception as e:  # a model reports an input it cannot take as RuntimeError, AssertionError, ValueError...
             errors.append(e)
             continue
         return trace(model, (c, h, w)), [c, h, w]
