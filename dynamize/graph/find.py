@@ -80,7 +80,7 @@ class Graph:
         for n in self.nodes:
             if n not in live:
                 reads = {a for a in self.ancestors(n) if a in live and a.op != "get_attr"}
-                latest = max(reads, key=self.order.get, default=None)
+                latest = max(reads, key=self.order.__getitem__, default=None)
                 if latest is None or not reads <= self.ancestors(latest) | {latest}:
                     continue
                 if not is_in_place(n) or n.args[0] is latest:
@@ -148,7 +148,7 @@ def find_blocks(g: Graph) -> tuple[list[Block], list[Skipped]]:
 
 
 def _why_not_block(add: fx.Node) -> str:
-    if any(_is_shared_slice(a) for a in add.args):
+    if any(_is_shared_slice(a) for a in add.all_input_nodes):
         return "adds part of a branch output whose other channels go elsewhere (a dual-path block)"
     return "a sum of branches, not `shortcut(x) + F(x)`"
 
@@ -158,7 +158,8 @@ def _is_shared_slice(node: fx.Node) -> bool:
     if node.op != "call_function" or node.target is not operator.getitem:
         return False
     src, index = node.args
-    return isinstance(index, tuple) and any(isinstance(i, slice) for i in index) and len(src.users) > 1
+    return (isinstance(src, fx.Node) and len(src.users) > 1 and isinstance(index, tuple)
+            and any(isinstance(i, slice) for i in index))
 
 
 def _channels(node: fx.Node, axis: int) -> int | None:

@@ -60,7 +60,8 @@ def symbolic_trace(module: nn.Module, none_args: Sequence[str] = ()) -> fx.Graph
 
 def is_in_place(node: fx.Node) -> bool:
     """A tensor method that changes its tensor in place (`x.mul_(g)`), whose effect outlives its unused result."""
-    return node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_")
+    target = node.target
+    return node.op == "call_method" and isinstance(target, str) and target.endswith("_") and not target.startswith("_")
 
 
 def trace(model: nn.Module, input_size: Sequence[int]) -> fx.GraphModule:
