@@ -8,10 +8,10 @@ import dynamize
 
 
 def randomize(model: torch.nn.Module) -> torch.nn.Module:
-    """Give norms random affine parameters and statistics, and layer scales random values.
+    """Give norms random affine parameters and statistics, and layer scales and gains random values.
 
-    timm zero-initialises the last norm of residual branches; without this a residual branch adds nothing and
-    tests comparing outputs could not see a branch that was dropped or computed wrongly.
+    timm zero-initialises the last norm (or, in NF nets, the last gain) of residual branches; without this a residual
+    branch adds nothing and tests comparing outputs could not see a branch that was dropped or computed wrongly.
     """
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -22,7 +22,7 @@ def randomize(model: torch.nn.Module) -> torch.nn.Module:
                 m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
         for name, p in model.named_parameters():
-            if name.endswith("gamma"):
+            if name.endswith(("gamma", "gain")):
                 p.copy_(torch.rand(p.shape, generator=g) + 0.5)
     return model
 
