@@ -158,23 +158,33 @@ def given_keys(name_or_path: str | Path | None = None, overrides: list[str] | No
     return set(_merged(name_or_path, overrides, values))
 
 
+# timm modules of depthwise-separable mobile nets: they fine-tune alike (see recipes/fashion-mnist-mobilenet.yaml).
+_MOBILE_MODULES = {"efficientnet", "mobilenetv3", "mobilenetv5", "ghostnet", "rexnet", "hardcorenas", "fbnetv3",
+                   "tinynet", "mnasnet"}
+
+
 def _family(architecture: str) -> str | None:
-    """timm's module of an architecture (resnet, efficientnet, ...): the models of one module train alike."""
-    return next((m for m in timm.list_modules() if architecture in timm.list_models(module=m)), None)
+    """The training family of an architecture: "mobile" for depthwise-separable mobile nets, else timm's module
+    (resnet, regnet, ...). The models of one family train alike."""
+    module = next((m for m in timm.list_modules() if architecture in timm.list_models(module=m)), None)
+    return "mobile" if module in _MOBILE_MODULES else module
 
 
 def default_recipe(architecture: str, img_size: int, data: str | None = None, folder: Path = RECIPE_DIR) -> Path:
-    """The recipe in `folder` that fits a run best: the same data set first, then the same timm family (ResNets,
-    MobileNets, ...), then the closest input size.
+    """The recipe in `folder` that fits a run best: the same data set first, then the same family (ResNets,
+    mobile nets, ...), then a mobile recipe only for a mobile net, then the closest input size.
 
     Args:
         architecture: the run's timm architecture.
         img_size: the input size the run is planned at.
         data: the run's data set, if known.
     """
+    family = _family(architecture)
+
     def fit(path: Path) -> tuple:
         r = load_recipe(path)
-        return (data is not None and r.data == data, _family(r.model) == _family(architecture),
+        theirs = _family(r.model)
+        return (data is not None and r.data == data, theirs == family, (theirs == "mobile") == (family == "mobile"),
                 -abs(math.log(r.img_size / img_size)), path.stem)
 
     recipes = sorted(folder.glob("*.yaml"))

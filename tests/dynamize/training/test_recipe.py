@@ -93,3 +93,10 @@ def test_default_recipe_fits_model_data_and_size(tmp_path):
     assert pick("test_resnet", 32) == "small-resnet"
     assert default_recipe("resnet50", 224).stem == "imagenet-resnet50"
     assert default_recipe("resnet18", 32).stem == "fashion-mnist-resnet18"
+
+
+def test_mobile_nets_get_the_mobile_recipe_and_other_nets_do_not():
+    for arch in ("mobilenetv2_100", "mobilenetv3_large_100", "efficientnet_b0"):
+        assert default_recipe(arch, 64, "fashion-mnist").stem == "fashion-mnist-mobilenet"
+    for arch in ("resnet18", "regnety_002", "convnext_atto"):
+        assert default_recipe(arch, 64, "fashion-mnist").stem == "fashion-mnist-resnet18"
