@@ -157,11 +157,9 @@ class GatedResidual(nn.Module):
             return shortcut + (keep * scale).reshape(-1, 1, 1, 1) * self.branch(x, *extra)
         if idx.numel() == x.shape[0]:
             return shortcut + scale.reshape(-1, 1, 1, 1) * self.branch(x, *extra)
+        out = shortcut.clone()  # a fresh tensor, as the add it replaces: the unit may write into it in place
         if idx.numel():
-            out = shortcut.clone()
             out[idx] += scale[idx].reshape(-1, 1, 1, 1) * self._branch_on(x, extra, idx)
-        else:
-            out = shortcut
         self._scatter_inner_decisions(idx, x.shape[0])
         return out
 
