@@ -63,6 +63,18 @@ def _measuring(norms: list[_BatchNorm]) -> Iterator[dict[_BatchNorm, _Moments]]:
             del bn.forward
 
 
+def freeze_statistics(model: nn.Module) -> None:
+    """Normalise with the running statistics while the weights still train (until the next `train()` call).
+
+    Once decisions are hard, a block runs only on the images that keep it: at a low budget a few images of a batch,
+    at 1x1 resolution in a late stage. Their batch statistics are noise, and updating the running statistics from
+    them would undo the re-estimation; the backbone is tuned with the statistics it will use at inference.
+    """
+    for m in model.modules():
+        if isinstance(m, _BatchNorm):
+            m.eval()
+
+
 @torch.no_grad()
 def reestimate_batchnorm(model: DynamicNet, data: DataLoader, images: int = 2000) -> int:
     """Recompute every BatchNorm's running mean and variance as the average over the values it sees when the model
