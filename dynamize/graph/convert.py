@@ -13,7 +13,7 @@ from .cost import gate_flops, node_flops, pool_flops
 from .find import Block, Graph, Group, find_blocks, find_groups, is_residual_add, owner
 from .gates import gate_hidden
 from .plan import GATE_KINDS, BlockSite, ChannelGroup, CostItem, GatePlan, Skipped
-from .rewrite import rewrite
+from .rewrite import DynamicNet, rewrite
 from .trace import check_cnn, input_error, node_shape, trace
 from .units import assign_units, common_unit, crosses_blocks, is_within
 
@@ -188,7 +188,7 @@ def _unique(name: str, used: set) -> str:
 
 
 def convert(model: str | nn.Module, *, gates: str = "both", img_size: int | None = None,
-            min_keep_share: float = MIN_KEEP_SHARE, **timm_kwargs) -> nn.Module:
+            min_keep_share: float = MIN_KEEP_SHARE, **timm_kwargs) -> DynamicNet:
     """Insert L-Net and/or C-Net gates into a timm CNN.
 
     Args:
