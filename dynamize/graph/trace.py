@@ -119,3 +119,11 @@ def node_shape(node: fx.Node) -> tuple[int, ...] | None:
     """The traced output shape of a node, or None if it is not a single tensor."""
     meta = node.meta.get("tensor_meta")
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def tensor_shape(node: fx.Node) -> tuple[int, ...]:
+    """The traced output shape of a node that computes a single tensor."""
+    shape = node_shape(node)
+    if shape is None:
+        raise TypeError(f"node {node.name} has no traced tensor shape")
+    return shape
