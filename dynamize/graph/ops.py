@@ -65,7 +65,7 @@ def is_full_conv(m: nn.Module | None) -> bool:
     return is_plain_conv(m) and m.groups == 1
 
 
-def is_depthwise(m: nn.Module | None) -> bool:
+def is_depthwise(m: nn.Module | None) -> TypeGuard[nn.Conv2d]:
     """A plain depthwise convolution: one filter per channel, so it can run on any subset of channels."""
     return is_plain_conv(m) and 1 < m.groups == m.in_channels == m.out_channels
 
