@@ -16,18 +16,21 @@ union mode, or a list of per-image tensors [1, k_i, ...] in split mode.
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast, overload
 
 import torch
 import torch.nn.functional as F
 from timm.layers import Conv2dSame
 from timm.layers.conv2d_same import conv2d_same
 from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..graph import ops
-from ..graph.gates import Gate, GatedResidual, GatePool
+from ..graph.gates import ChannelGate, Gate, GatedResidual, GatePool
 from ..graph.ops import Role
 from ..graph.plan import ChannelGroup
-from ..graph.rewrite import DynamicUnit, gate_key, set_fast_path_compiler
+from ..graph.rewrite import DynamicNet, DynamicUnit, gate_key, set_fast_path_compiler, submodule
+from ..graph.trace import target_path
 
 CHANNEL_MODES = ("auto", "union", "split")
 
@@ -67,6 +70,10 @@ class Kept:
         return (n, -1, 1, 1) if self.axis == 1 else (n, 1, 1, -1)
 
 
+@overload
+def _pick(t: torch.Tensor, idx: torch.Tensor | None, dim: int = 0) -> torch.Tensor: ...
+@overload
+def _pick(t: torch.Tensor | None, idx: torch.Tensor | None, dim: int = 0) -> torch.Tensor | None: ...
 def _pick(t: torch.Tensor | None, idx: torch.Tensor | None, dim: int = 0) -> torch.Tensor | None:
     return t if t is None or idx is None else t.index_select(dim, idx)
 
@@ -78,6 +85,13 @@ def _nonempty(idx: torch.Tensor) -> torch.Tensor:
 
 def _is_split(*kept: Kept | None) -> bool:
     return any(k is not None and k.images is not None for k in kept)
+
+
+def _whole(x: Compact) -> torch.Tensor:
+    """A compact value in union mode: one tensor for the batch."""
+    if isinstance(x, list):
+        raise TypeError("a per-image (split) value where the group runs in union mode")
+    return x
 
 
 def _image(x: Compact, i: int) -> torch.Tensor:
@@ -138,20 +152,22 @@ class CompactPool(nn.Module):
 
     def forward(self, x: Compact, kept: Kept) -> torch.Tensor:
         dims = (2, 3) if self.axis == 1 else (1, 2)
-        if kept.images is None and kept.idx is None:
-            return x.mean(dims)
         if kept.images is None:
+            x = _whole(x)
+            if kept.idx is None:
+                return x.mean(dims)
             return x.new_zeros(x.shape[0], self.channels).index_copy_(1, kept.idx, x.mean(dims))
         pooled = x[0].new_zeros(len(x), self.channels)
         for i, t in enumerate(x):
-            pooled[i].index_copy_(0, kept.index(i), t.mean(dims)[0])
+            pooled[i].index_copy_(0, kept.images[i][0], t.mean(dims)[0])
         return pooled
 
 
 def _conv(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
           groups: int) -> torch.Tensor:
     if isinstance(conv, Conv2dSame):
-        return conv2d_same(x, weight, bias, conv.stride, conv.padding, conv.dilation, groups)
+        # nn.Conv2d stores stride, padding and dilation as pairs; torch annotates them as tuple[int, ...].
+        return conv2d_same(x, weight, bias, conv.stride, conv.padding, conv.dilation, groups)  # type: ignore[arg-type]
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, groups)
 
 
@@ -164,8 +180,9 @@ class SlicedLayer(nn.Module):
 
     def forward(self, x: Compact, inp: Kept | None, out: Kept | None) -> Compact:
         if not _is_split(inp, out):
-            return self._run(x, inp and inp.idx, out and out.idx)
-        ys = [self._run(_image(x, i), inp and inp.index(i), out and out.index(i)) for i in range(_batch(x))]
+            return self._run(_whole(x), inp.idx if inp else None, out.idx if out else None)
+        ys = [self._run(_image(x, i), inp.index(i) if inp else None, out.index(i) if out else None)
+              for i in range(_batch(x))]
         return ys if _is_split(out) else torch.cat(ys)
 
     def _run(self, x: torch.Tensor, in_idx: torch.Tensor | None, out_idx: torch.Tensor | None) -> torch.Tensor:
@@ -180,7 +197,7 @@ class _OnKeptChannels(nn.Module):
 
     def forward(self, x: Compact, kept: Kept) -> Compact:
         if not _is_split(kept):
-            return self._run(x, kept.idx)
+            return self._run(_whole(x), kept.idx)
         return [self._run(t, kept.index(i)) for i, t in enumerate(x)]
 
     def _run(self, x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
@@ -211,7 +228,7 @@ class SlicedBatchNorm(_OnKeptChannels):
         x = F.batch_norm(x, _pick(bn.running_mean, idx), _pick(bn.running_var, idx), _pick(bn.weight, idx),
                          _pick(bn.bias, idx), False, 0.0, bn.eps)
         if hasattr(bn, "act"):  # timm's BatchNormAct2d
-            x = bn.act(bn.drop(x))
+            x = bn.get_submodule("act")(bn.get_submodule("drop")(x))
         return x
 
 
@@ -237,7 +254,8 @@ class Scale(nn.Module):
     """The C-Net's multiplication, on the kept channels: keep * scale per image."""
 
     def forward(self, x: Compact, kept: Kept) -> Compact:
-        if not _is_split(kept):
+        if kept.images is None:
+            x = _whole(x)
             return x * kept.mult.reshape(kept.shape(x.shape[0]))
         return [t * m.reshape(kept.shape(1)) for t, (_, m) in zip(x, kept.images)]
 
@@ -251,6 +269,14 @@ class ScaleBy(nn.Module):
         if not _is_split(kept):
             return x * pick(other, kept.idx)
         return [t * pick(_image(other, i) if other.shape[0] > 1 else other, kept.index(i)) for i, t in enumerate(x)]
+
+
+def _layer(gm: fx.GraphModule, node: fx.Node) -> nn.Conv2d | nn.Linear:
+    """The convolution or linear layer a producer or sink node calls."""
+    m = ops.module_of(gm, node)
+    if not isinstance(m, (nn.Conv2d, nn.Linear)):  # the analysis reads the same op table: a bug if reached
+        raise RuntimeError(f"{node.name} is not a convolution or linear layer")
+    return m
 
 
 def _with_branch(res: GatedResidual, branch: nn.Module) -> GatedResidual:
@@ -304,14 +330,15 @@ def _slice_groups(gm: fx.GraphModule, groups: list[ChannelGroup], mode: str) -> 
 
     kept: dict[str, fx.Node] = {}
     for s in sites:
-        layer = gm.get_submodule(s.producer.target)
+        layer = _layer(gm, s.producer)
         stride = layer.stride[0] * layer.stride[1] if isinstance(layer, nn.Conv2d) else 1
-        decide = Decide(gm.get_submodule(s.gate.target).gate, s.group.axis, layer.weight[0].numel(), stride, mode)
+        gate = submodule(gm, target_path(s.gate), ChannelGate).gate
+        decide = Decide(gate, s.group.axis, layer.weight[0].numel(), stride, mode)
         with graph.inserting_before(s.producer):
             kept[s.group.name] = graph.call_module(add(f"decide_{gate_key(s.group.name)}", decide),
                                                    (s.gate.args[0], s.producer.args[0]))
 
-    compact_of = {n: s for s in sites for n in s.compact}
+    compact_of: dict[fx.Node, _GroupSites | None] = {n: s for s in sites for n in s.compact}
     producer_of = {s.producer: s for s in sites}
     sink_of = {n: s for s in sites for n in s.sinks}
     pool_of = {n: s for s in sites for n in s.pools}
@@ -319,12 +346,14 @@ def _slice_groups(gm: fx.GraphModule, groups: list[ChannelGroup], mode: str) -> 
         own, src, pooled = compact_of.get(n), sink_of.get(n), pool_of.get(n)
         if own is None and src is None and pooled is None:
             continue
-        k, kwargs = kept[own.group.name] if own else None, {}
+        k = kept[own.group.name] if own else None
+        kwargs: dict[str, fx.node.Argument] = {}
+        args: tuple[fx.node.Argument, ...]
         if pooled is not None:
             target = add(n.name, CompactPool(pooled.group.channels, pooled.group.axis))
             args = (n.args[0], kept[pooled.group.name])
-        elif n in producer_of or (src and own is None):
-            target = add(n.name, SlicedLayer(gm.get_submodule(n.target)))
+        elif n in producer_of or own is None:  # a producer, or a sink outside every other group
+            target = add(n.name, SlicedLayer(_layer(gm, n)))
             args = (n.args[0], kept[src.group.name] if src else None, k)
         elif n is own.gate:
             target, args = add(n.name, Scale()), (n.args[1], k)
@@ -337,7 +366,7 @@ def _slice_groups(gm: fx.GraphModule, groups: list[ChannelGroup], mode: str) -> 
         graph.erase_node(n)
 
 
-def _sliced(gm: fx.GraphModule, n: fx.Node, axis: int, k: fx.Node, compact_of, add):
+def _sliced(gm: fx.GraphModule, n: fx.Node, axis: int, k: fx.Node | None, compact_of, add):
     """The runtime call for a per-channel op of a group, by its role in the op table."""
     role = ops.role(gm, n, axis)
     m = ops.module_of(gm, n)
@@ -345,7 +374,8 @@ def _sliced(gm: fx.GraphModule, n: fx.Node, axis: int, k: fx.Node, compact_of, a
         x, other = n.args if n.args[0] in compact_of else n.args[::-1]
         return add(n.name, ScaleBy()), (x, other, k), {}
     if role is Role.CHANNELWISE:
-        sliced = SlicedDepthwise(m) if ops.is_depthwise(m) else SlicedBatchNorm(m)
+        # CHANNELWISE is a depthwise convolution or a running BatchNorm (ops.role)
+        sliced = SlicedDepthwise(m) if ops.is_depthwise(m) else SlicedBatchNorm(cast(_BatchNorm, m))
         return add(n.name, sliced), (n.args[0], k), {}
     return add(n.name, Each(m if m is not None else n.target)), n.args, n.kwargs
 
@@ -356,9 +386,9 @@ def _compile_graph(gm: fx.GraphModule, groups: list[ChannelGroup], mode: str) ->
     graph.output(graph.graph_copy(gm.graph, {}))
     new = fx.GraphModule(gm, graph, "Runtime")
     for n in graph.nodes:
-        if n.op == "call_module" and isinstance(new.get_submodule(n.target), GatedResidual):
-            res = new.get_submodule(n.target)
-            new.add_submodule(n.target, _with_branch(res, _compile_graph(res.branch, groups, mode)))
+        if n.op == "call_module" and isinstance(res := new.get_submodule(n.target), GatedResidual):
+            branch = cast(fx.GraphModule, res.branch)  # DynamicUnit._assemble sets every branch to a GraphModule
+            new.add_submodule(n.target, _with_branch(res, _compile_graph(branch, groups, mode)))
     _slice_groups(new, groups, mode)
     graph.lint()
     new.recompile()
@@ -384,7 +414,7 @@ def compile_unit(unit: DynamicUnit, groups: list[ChannelGroup], mode: str = "aut
     return _compile_graph(unit.masked, groups, mode)
 
 
-def use_runtime(net: nn.Module, mode: str | None = "auto") -> nn.Module:
+def use_runtime(net: DynamicNet, mode: str | None = "auto") -> DynamicNet:
     """Make `net` run the hard inference path in evaluation without gradients (None: always the masked graph).
 
     Training, and evaluation with gradients, keep the masked graph. The fast graphs are built on first use and

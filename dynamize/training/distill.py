@@ -85,7 +85,7 @@ class BudgetDistillationTask(LogitDistillationTask):
         budget = (frac.mean() - s.target) ** 2
         bounds = bounds_loss(block_densities(self.student), s.target, s.tightness)
         # A unit's share of images: the k-th root of the target when k kinds of gates multiply each other's cost.
-        probs = [gate.last_prob for _, _, gate in self.student.gates() if gate.is_active]
+        probs = [gate.last_prob for _, _, gate in self.student.gates() if gate.is_active and gate.last_prob is not None]
         shaping = batch_shaping_loss(probs, s.target ** (1 / self.kinds), SHAPING_CONCENTRATION)
         out["loss"] = (out["loss"] + r.budget_weight * budget + r.bounds_weight * bounds
                        + r.shaping_weight * s.shaping * shaping)
