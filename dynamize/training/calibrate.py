@@ -2,7 +2,11 @@
 
 Layer and channel gates get their own offsets. Moving both together, only the layer gates, or only the channel
 gates all reach the budget; calibration tries each direction (bisection along it) and keeps the one with the best
-accuracy on the held-out data. Training is meant to reach the budget itself, so calibration only trims.
+accuracy on the held-out data. Training is meant to reach the budget itself, so calibration only trims, and it
+leaves the trained thresholds alone when they already meet the budget within the tolerance: the fraction is not
+monotonic in the thresholds (skipping one block changes what later gates see), and a small move can land on
+decisions the model never trained with (ResNet-18 L-only at 0.25 on Fashion-MNIST: 91.9% at the trained
+thresholds, FLOPs fraction 0.248; 81.0% after a move of 0.6 that a tolerance of 0.005 asked for).
 """
 import torch
 from torch.utils.data import DataLoader
@@ -11,6 +15,7 @@ from ..graph.rewrite import DynamicNet
 from .evaluate import predict
 
 KINDS = ("layer", "channel")
+TOLERANCE = 0.008  # of the FLOPs fraction on the calibration split; the test split is then within about 0.01
 
 
 def active_kinds(model: DynamicNet) -> list[str]:
@@ -62,7 +67,7 @@ def _along(model: DynamicNet, data: DataLoader, budget: float, start: dict[str, 
     return best
 
 
-def calibrate(model: DynamicNet, data: DataLoader, budget: float, tol: float = 0.005, iters: int = 16,
+def calibrate(model: DynamicNet, data: DataLoader, budget: float, tol: float = TOLERANCE, iters: int = 16,
               span: float = 12.0) -> dict:
     """Set the threshold offsets whose mean FLOPs fraction on `data` is closest to `budget`, best accuracy first.
 
