@@ -43,6 +43,23 @@ def make_image_folder(root, classes: int = 3, per_class: int = 12, size: int = 3
     return root
 
 
+# The architecture sweep of the conversion and runtime tests, name -> input size. Families: ResNet/ResNet-D/ResNeXt/
+# SE-ResNet, RegNet, MobileNetV2/V3, EfficientNet/V2, MixNet, GhostNet, ReXNet, DLA, DPN, CSP nets, Res2Net, HRNet,
+# DenseNet, VGG, ConvNeXt, Xception, Inception, RepVGG, ...
+ARCHS = {
+    "resnet18": 64, "resnet50d": 64, "resnext50_32x4d": 64, "seresnet50": 64, "regnetx_002": 64, "regnety_002": 64,
+    "mobilenetv2_100": 64, "mobilenetv3_small_100": 64, "efficientnet_b0": 64, "tf_efficientnetv2_b0": 64,
+    "mixnet_s": 64, "ghostnet_100": 64, "rexnet_100": 64, "dla34": 64, "dpn68": 64, "cspresnet50": 64,
+    "cspdarknet53": 64, "res2net50_14w_8s": 64, "hrnet_w18_small": 64, "densenet121": 64, "vgg11": 32,
+    "convnext_atto": 64, "legacy_xception": 64, "inception_v3": 96, "repvgg_a0": 64, "selecsls42b": 64,
+    "lcnet_050": 64, "mnasnet_100": 64, "tf_efficientnet_lite0": 64, "nf_resnet26": 64,
+}
+# Architectures that are reported as not gateable, and why.
+NOT_GATEABLE = {
+    "dpn68": "dual-path blocks sum slices of a shared tensor and feed grouped convolutions",
+    "nf_resnet26": "timm marks NormFreeBlock as not traceable, so its blocks are opaque to torch.fx",
+}
+
 TINY_RECIPE = ["img_size=32", "in_chans=3", "epochs=1", "batch_size=8", "calib_size=6", "workers=0"]
 
 
