@@ -1,12 +1,17 @@
-"""Budget sweep on Fashion-MNIST: ResNet-18 teacher, then LC / L-only / C-only fine-tuned at budgets 0.3, 0.5, 0.7.
+"""Accuracy at a FLOPs budget: a cached teacher converted once, then fine-tuned with LC / L-only / C-only gates at
+each budget, calibrated, and evaluated on the whole test split (accuracy, FLOPs mean and per-image spread).
 
-Prints a table (top-1 on the test set, measured mean / p95 FLOPs fraction, training time) and writes it as JSON.
-Runs are kept under --root, so an interrupted sweep skips what it already finished.
+    python benchmarks/teachers.py resnet18           # once: the teacher (see that script)
+    python benchmarks/budget_sweep.py ~/.cache/dynamize/teachers/resnet18-fmnist32 --budgets 0.5 0.25 \
+        --gates both layer channel --root /tmp/sweep --json docs/results/resnet18-sweep.jsonl [key=value ...]
 
-    .venv/bin/python benchmarks/budget_sweep.py --root runs/sweep --json docs/budget_sweep.json
+Runs are kept under --root, so an interrupted sweep resumes what it had not finished. Each finished run is printed
+and appended to --json as one line (with the command, date, machine and wall time).
 """
 import argparse
 import json
+import platform
+import sys
 import time
 from pathlib import Path
 
@@ -14,64 +19,70 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-import dynamize
-from dynamize.io.runs import CONFIG
-from dynamize.models import create_base
-from dynamize.training.jobs import finetune, train_base
+from dynamize.io.runs import CONFIG, convert_to_run, read_config
+from dynamize.training.jobs import finetune
 from dynamize.training.recipe import load_recipe
 
-RECIPE = "fashion-mnist-resnet18"
+NAMES = {"both": "LC", "layer": "L-only", "channel": "C-only"}
+
+
+def row_of(run: Path, gates: str, budget: float, seconds: float) -> dict:
+    """One result line from a finished run's config.json."""
+    d = read_config(run)["dynamize"]
+    e, a = d["eval"], d["eval"]["adaptivity"]
+    return {"run": str(run), "gates": NAMES[gates], "budget": budget, "top1": e["top1"],
+            "teacher_top1": d["teacher_eval"]["top1"], "drop": d["teacher_eval"]["top1"] - e["top1"],
+            "flops_mean": e["flops_mean"], "p5": a["p5"], "p50": a["p50"], "p95": a["p95"], "spread": a["spread"],
+            "patterns": a["patterns"], "entropy_bits": a["pattern_entropy_bits"],
+            "trained_fraction": d["calibration"].get("trained_fraction"), "seconds": seconds,
+            "recipe": {k: d["recipe"][k] for k in ("epochs", "train_subset", "lr_backbone", "lr_gates")},
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.machine(),
+            "threads": torch.get_num_threads(), "command": " ".join(sys.argv)}
+
+
+def table(rows: list[dict]) -> Table:
+    t = Table(title="budget sweep (test split)")
+    for col in ("gates", "budget", "top-1 %", "teacher", "drop pt", "FLOPs mean", "p5 / p50 / p95", "spread",
+                "patterns", "min"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        t.add_row(r["gates"], f"{r['budget']:.2f}", f"{r['top1']:.2f}", f"{r['teacher_top1']:.2f}", f"{r['drop']:.2f}",
+                  f"{r['flops_mean']:.3f}", f"{r['p5']:.3f} / {r['p50']:.3f} / {r['p95']:.3f}", f"{r['spread']:.3f}",
+                  str(r["patterns"]), f"{r['seconds'] / 60:.0f}")
+    return t
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--root", type=Path, default=Path("runs/sweep"))
-    ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--teacher-epochs", type=int, default=2)
-    ap.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs per run")
-    ap.add_argument("--train-subset", type=int, default=6000, help="fine-tuning images per run (0 = all)")
-    ap.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.5, 0.7])
-    ap.add_argument("--gates", nargs="+", default=["both", "layer", "channel"])
+    ap.add_argument("teacher", type=Path, help="a `dynamize train` run")
+    ap.add_argument("--recipe", default=None, help="recipe name or path (default: chosen for the model)")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25])
+    ap.add_argument("--gates", nargs="+", default=["both", "layer", "channel"], choices=sorted(NAMES))
+    ap.add_argument("--root", type=Path, required=True)
+    ap.add_argument("--json", type=Path, default=None, help="append one JSON line per finished run")
+    ap.add_argument("overrides", nargs="*", help="recipe overrides key=value")
     args = ap.parse_args()
-    torch.set_num_threads(2)
-    console = Console()
-
-    teacher_dir, conv_dir = args.root / "teacher", args.root / "resnet18"
-    t0 = time.time()
-    if not (teacher_dir / CONFIG).is_file():
-        recipe = load_recipe(RECIPE, [f"epochs={args.teacher_epochs}", "lr_backbone=0.002", "weight_decay=0.05",
-                                      "workers=1"])
-        train_base(recipe, teacher_dir, console=console)
-    teacher_time = time.time() - t0
-    if not (conv_dir / CONFIG).is_file():
-        base = create_base("resnet18", checkpoint=teacher_dir, num_classes=10, in_chans=1)
-        dynamize.save(dynamize.convert(base, img_size=32), conv_dir)
-
+    console = Console(width=160)
+    conv = args.root / "converted"
+    if not (conv / CONFIG).is_file():
+        convert_to_run(str(args.teacher), conv)
+    model = read_config(conv)["architecture"]
+    recipe_name = args.recipe or ("fashion-mnist-mobilenet" if "mobilenet" in model else "fashion-mnist-resnet18")
     rows = []
     for gates in args.gates:
         for budget in args.budgets:
-            out = args.root / f"resnet18-{gates}-b{budget:.2f}"
+            out = args.root / f"{NAMES[gates]}-b{budget:.2f}"
             start = time.time()
             if not (out / CONFIG).is_file():
-                recipe = load_recipe(RECIPE, [f"epochs={args.epochs}", f"train_subset={args.train_subset}",
-                                              "workers=1", "checkpoint_every=0"], budget=budget, gates=gates)
-                finetune(conv_dir, recipe, out, console=console)
-            d = json.loads((out / CONFIG).read_text())["dynamize"]
-            rows.append({"gates": gates, "budget": budget, "top1": d["eval"]["top1"],
-                         "teacher_top1": d["teacher_eval"]["top1"], "flops_mean": d["eval"]["flops_mean"],
-                         "flops_p95": d["eval"]["flops_p95"], "train_seconds": time.time() - start})
-            console.print(rows[-1])
-
-    table = Table(title=f"Fashion-MNIST ResNet-18 budget sweep (teacher {teacher_time:.0f} s)")
-    for col in ("gates", "budget", "top-1 %", "teacher top-1 %", "drop pt", "FLOPs mean", "FLOPs p95", "time s"):
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(r["gates"], f"{r['budget']:.1f}", f"{r['top1']:.2f}", f"{r['teacher_top1']:.2f}",
-                      f"{r['teacher_top1'] - r['top1']:.2f}", f"{r['flops_mean']:.3f}", f"{r['flops_p95']:.3f}",
-                      f"{r['train_seconds']:.0f}")
-    console.print(table)
-    if args.json:
-        args.json.write_text(json.dumps({"teacher_seconds": teacher_time, "rows": rows}, indent=2) + "\n")
+                recipe = load_recipe(recipe_name, args.overrides, budget=budget, gates=gates, model=model)
+                finetune(conv, recipe, out, resume=(out / "checkpoints").is_dir(), console=console)
+            rows.append(row_of(out, gates, budget, time.time() - start))
+            console.print(json.dumps(rows[-1]))
+            if args.json:
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(rows[-1]) + "\n")
+    console.print(table(rows))
 
 
 if __name__ == "__main__":

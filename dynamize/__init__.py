@@ -1,8 +1,8 @@
 """dynamize: make timm CNNs input-adaptive with LC-Net layer and channel gates.
 
 The package is layered; each layer imports only from the ones before it (tests/test_layers.py checks this):
-errors, version -> models (timm) -> graph (trace, find, plan, gates, rewrite, cost) -> io (run directories)
--> training | runtime -> reporting -> this module and the CLI.
+errors, version -> models (timm), ranges (of every number a user gives) -> graph (trace, find, plan, gates, rewrite,
+cost) -> io (run directories) -> training | runtime -> reporting -> this module and the CLI.
 """
 from torch import nn
 

@@ -13,6 +13,8 @@ from dynamize.runtime.bench import BenchResult, open_target, write_results
 from dynamize.runtime.bench import bench as run_bench
 from dynamize.training.data import DataError, DataSpec, eval_dataset, loader
 
+from .options import in_range
+
 # Images drawn from the test split per batch size: each timed pass picks its batch among them.
 IMAGES_PER_BATCH = 4
 
@@ -51,14 +53,17 @@ def sample_images(target: str, data: str, count: int, in_chans: int, img_size: i
 
 def bench(
     target: str = typer.Argument(..., metavar="RUN|MODEL", help="run directory, or timm model name with --fraction"),
-    fraction: float | None = typer.Option(None, help="force random decisions with this FLOPs fraction, in (0, 1]"),
+    fraction: float | None = typer.Option(None, help="force random decisions with this FLOPs fraction, in (0, 1]",
+                                          callback=in_range("fraction")),
     data: str | None = typer.Option(None, help="time on images of this data set's test split (fashion-mnist, a "
                                                "timm dataset name, or an image folder) instead of random ones"),
-    batch_size: list[int] = typer.Option([1, 32], "--batch-size", "-b", help="batch size (repeatable)"),
-    img_size: int | None = typer.Option(None, help="square input size (default: the plan's)"),
-    threads: int | None = typer.Option(None, help="torch threads (default: torch's)"),
-    repeats: int = typer.Option(10, min=1, help="timed passes per model and configuration"),
-    warmup: int = typer.Option(2, min=0, help="untimed passes first"),
+    batch_size: list[int] = typer.Option([1, 32], "--batch-size", "-b", help="batch size (repeatable)",
+                                         callback=in_range("batch_size")),
+    img_size: int | None = typer.Option(None, help="square input size (default: the plan's)",
+                                        callback=in_range("img_size")),
+    threads: int | None = typer.Option(None, help="torch threads (default: torch's)", callback=in_range("threads")),
+    repeats: int = typer.Option(10, help="timed passes per model and configuration", callback=in_range("repeats")),
+    warmup: int = typer.Option(2, help="untimed passes first", callback=in_range("warmup")),
     channels_last: bool = typer.Option(True, "--channels-last/--no-channels-last", help="memory format of both"),
     json_out: Path | None = typer.Option(None, "--json", help="also write the results to this JSON file"),
 ) -> None:

@@ -6,6 +6,7 @@ from rich.console import Console
 
 from dynamize.io.runs import check_run, convert_to_run
 
+from .options import in_range
 from .tables import print_plan
 
 
@@ -14,9 +15,11 @@ def convert(
     output: Path | None = typer.Option(None, "-o", "--output", help="run directory (default: runs/MODEL)"),
     checkpoint: Path | None = typer.Option(None, help=".safetensors (or .pth/.pt state dict) for the base model"),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="timm's pretrained weights"),
-    num_classes: int | None = typer.Option(None, help="classifier size (default: timm's)"),
-    in_chans: int | None = typer.Option(None, help="input channels (default: timm's)"),
-    img_size: int | None = typer.Option(None, help="input size FLOPs are counted at (default: timm's)"),
+    num_classes: int | None = typer.Option(None, help="classifier size (default: timm's)",
+                                           callback=in_range("num_classes")),
+    in_chans: int | None = typer.Option(None, help="input channels (default: timm's)", callback=in_range("in_chans")),
+    img_size: int | None = typer.Option(None, help="input size FLOPs are counted at (default: timm's)",
+                                        callback=in_range("img_size")),
     gates: str = typer.Option("both", help="both | layer | channel"),
 ) -> None:
     """Insert L-Net / C-Net gates into a timm CNN and write a run directory."""

@@ -20,6 +20,8 @@ from dynamize.reporting.report import (
     write_report,
 )
 
+from .options import in_range
+
 
 def _table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> Table:
     t = Table(title=title, title_justify="left", show_header=any(header))
@@ -50,8 +52,9 @@ def report(
     data_dir: str | None = typer.Option(None, help="where the data set's files are"),
     output: Path | None = typer.Option(None, "-o", "--output", help="report directory (default: reports/NAME)"),
     static: bool = typer.Option(False, "--static", help="only the plan and its FLOPs accounting; needs no data"),
-    limit: int = typer.Option(0, min=0, help="evaluate only the first N images of the evaluation split (0: all)"),
-    batch_size: int = typer.Option(64, min=1, help="evaluation batch size"),
+    limit: int = typer.Option(0, help="evaluate only the first N images of the evaluation split (0: all)",
+                              callback=in_range("limit")),
+    batch_size: int = typer.Option(64, help="evaluation batch size", callback=in_range("batch_size")),
     latency: bool = typer.Option(False, help="also time dense vs dynamic at batch 1 and 32 (dynamize bench)"),
 ) -> None:
     """Evaluate runs and their teachers: accuracy, per-image FLOPs, gate behaviour; writes report.json/.md + plots."""

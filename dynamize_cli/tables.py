@@ -1,4 +1,4 @@
-"""Rich renderings of GatePlans, shared by the commands that print them."""
+"""Rich renderings shared by the commands: gate plans and training results."""
 from collections import defaultdict
 
 from rich.console import Console, Group
@@ -39,3 +39,33 @@ def skipped_table(plan: GatePlan) -> Table:
 
 def print_plan(plan: GatePlan, title: str, console: Console) -> None:
     console.print(Group(plan_summary(plan, title), skipped_table(plan)))
+
+
+def result_table(title: str, result: dict, budget: float | None = None, name: str = "dynamic") -> Table:
+    """Accuracy and FLOPs of a trained, fine-tuned or calibrated model (and its teacher) on the test split."""
+    t = Table(title=title, title_justify="left")
+    for col in ("model", "top-1 %", "top-5 %", "FLOPs mean", "p5 / p50 / p95"):
+        t.add_column(col, justify="right")
+    if "teacher_eval" in result:
+        e = result["teacher_eval"]
+        t.add_row("teacher (original)", f"{e['top1']:.2f}", f"{e['top5']:.2f}", "1.000", "1.000")
+    e = result["eval"]
+    a = e.get("adaptivity")
+    quantiles = f"{a['p5']:.3f} / {a['p50']:.3f} / {a['p95']:.3f}" if a else "-"
+    t.add_row(name + (f" (budget {budget:.2f})" if budget else ""), f"{e['top1']:.2f}", f"{e['top5']:.2f}",
+              f"{e.get('flops_mean', 1):.3f}", quantiles)
+    return t
+
+
+def print_result(console: Console, title: str, result: dict, budget: float | None = None,
+                 name: str = "dynamic") -> None:
+    """The result table, then how much the compute depends on the image, said plainly when it hardly does."""
+    console.print(result_table(title, result, budget, name))
+    a = result["eval"].get("adaptivity")
+    if a:
+        console.print(f"per-image FLOPs: p95 - p5 = {a['spread']:.3f}, {a.get('patterns', 0)} distinct decision "
+                      f"patterns ({a.get('pattern_entropy_bits', 0):.1f} bits) on {result['eval']['n']} images")
+        if a["nearly_static"]:
+            console.print("[yellow]warning:[/yellow] the decisions are nearly static: every image costs about the "
+                          "same (p95 - p5 < 0.02); this is pruning, not adaptive inference. Train longer, or raise "
+                          "shaping_weight")

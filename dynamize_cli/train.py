@@ -3,29 +3,18 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
-from dynamize.io.runs import latest_run, new_run_dir, read_config
+from dynamize.io.runs import GATED, check_run, latest_run, new_run_dir
 from dynamize.training.jobs import finetune as finetune_job
 from dynamize.training.jobs import recalibrate, train_base
-from dynamize.training.loop import checkpoint_recipe
-from dynamize.training.recipe import check_budget, load_recipe
+from dynamize.training.loop import resume_recipe
+from dynamize.training.preflight import finetune_recipe
+from dynamize.training.recipe import given_keys, load_recipe
+
+from .options import in_range
+from .tables import print_result
 
 RECIPE_HELP = "recipe name (in recipes/) or path to a YAML file"
-
-
-def _summary(title: str, result: dict, budget: float | None = None, name: str = "dynamic") -> Table:
-    t = Table(title=title, title_justify="left")
-    for col in ("model", "top-1 %", "top-5 %", "FLOPs fraction (mean)", "p95"):
-        t.add_column(col, justify="right")
-    if "teacher_eval" in result:
-        e = result["teacher_eval"]
-        t.add_row("teacher (original)", f"{e['top1']:.2f}", f"{e['top5']:.2f}", "1.000", "1.000")
-    e = result["eval"]
-    name += f" (budget {budget:.2f})" if budget else ""
-    t.add_row(name, f"{e['top1']:.2f}", f"{e['top5']:.2f}", f"{e.get('flops_mean', 1):.3f}",
-              f"{e.get('flops_p95', 1):.3f}")
-    return t
 
 
 def train(
@@ -33,66 +22,69 @@ def train(
     data: str | None = typer.Option(None, help="fashion-mnist, a timm dataset name, or an image folder"),
     data_dir: str | None = typer.Option(None, help="where the data set's files are"),
     recipe: str | None = typer.Option(None, help=RECIPE_HELP),
-    checkpoint: Path | None = typer.Option(None, help="weights to start from; another-sized head is re-initialised"),
+    checkpoint: Path | None = typer.Option(None, help="weights to start from: a weights file or a run directory "
+                                                      "(its original model); another-sized head is re-initialised"),
     output: Path | None = typer.Option(None, "-o", "--output", help="run directory (default: runs/MODEL-base)"),
     resume: bool = typer.Option(False, help="continue from the run's last checkpoint"),
-    overrides: list[str] | None = typer.Argument(None, help="recipe overrides, key=value"),
+    sets: list[str] | None = typer.Option(None, "--set", help="recipe override key=value (repeatable)"),
+    overrides: list[str] | None = typer.Argument(None, help="more recipe overrides, key=value"),
 ) -> None:
     """Fit a plain timm model on a data set (a teacher, when no pretrained weights are at hand)."""
+    overrides = [*(sets or []), *(overrides or [])]
+    asked = dict(model=model, data=data, data_dir=data_dir)
+    r = load_recipe(recipe, overrides, **asked)
     out = output or (latest_run() if resume else new_run_dir(f"{model}-base"))
-    r = checkpoint_recipe(out) if resume else load_recipe(recipe, overrides, model=model, data=data,
-                                                          data_dir=data_dir)
+    if resume:
+        r = resume_recipe(out, r, given_keys(recipe, overrides, **asked))
     console = Console()
     result = train_base(r, out, resume=resume, console=console, init=checkpoint)
     if result:
-        console.print(_summary(f"trained {model}", result, name=model))
+        print_result(console, f"trained {model}", result, name=model)
         console.print(f"wrote [bold]{out}[/bold]; next: dynamize convert {out}")
 
 
 def finetune(
     run: Path | None = typer.Argument(None, help="converted run directory (default: the most recent run)"),
-    budget: str = typer.Option(..., help="target fraction of the original FLOPs, 0 < B <= 1"),
-    data: str | None = typer.Option(None, help="fashion-mnist, a timm dataset name, or an image folder"),
+    budget: float = typer.Option(..., help="target fraction of the original FLOPs, 0 < B <= 1",
+                                 callback=in_range("budget")),
+    data: str | None = typer.Option(None, help="fashion-mnist, a timm dataset name, or an image folder (default: "
+                                               "the data the run was trained on, if it records one)"),
     data_dir: str | None = typer.Option(None, help="where the data set's files are"),
-    recipe: str | None = typer.Option("fashion-mnist-resnet18", help=RECIPE_HELP),
+    recipe: str | None = typer.Option(None, help=RECIPE_HELP + " (default: the one that fits the run's model, data "
+                                                 "and input size)"),
     gates: str | None = typer.Option(None, help="train only layer | channel gates, or both"),
     output: Path | None = typer.Option(None, "-o", "--output", help="run directory (default: RUN-bB)"),
     resume: bool = typer.Option(False, help="continue from the output run's last checkpoint"),
     overrides: list[str] | None = typer.Option(None, "--set", help="recipe override key=value (repeatable)"),
 ) -> None:
     """Fine-tune a converted run under a FLOPs budget by distilling from the original model."""
-    b = check_budget(budget)
     run = run or latest_run()
-    plan = read_config(run)["dynamize"]["plan"]
-    values = dict(budget=b, data=data, data_dir=data_dir, gates=gates)
-    keys = {o.partition("=")[0] for o in overrides or []}
-    values.update({k: v for k, v in (("img_size", plan["input_size"][1]), ("in_chans", plan["input_size"][0]))
-                   if k not in keys})
-    r = load_recipe(recipe, overrides, **values)
-    suffix = f"-b{b:.2f}" + ("" if r.gates == "both" else f"-{r.gates}")
+    r, keys = finetune_recipe(check_run(run, GATED), recipe, overrides, budget=budget, data=data, data_dir=data_dir,
+                              gates=gates)
+    suffix = f"-b{r.budget:.2f}" + ("" if r.gates == "both" else f"-{r.gates}")
     out = output or Path(str(run) + suffix)
     if resume:
-        r = checkpoint_recipe(out)
+        r = resume_recipe(out, r, keys)
     console = Console()
     result = finetune_job(run, r, out, resume=resume, console=console)
     if result:
-        console.print(_summary(f"fine-tuned {run} at budget {b:.2f}", result, b))
+        print_result(console, f"fine-tuned {run} at budget {r.budget:.2f}", result, r.budget)
         console.print(f"wrote [bold]{out}[/bold]")
 
 
 def calibrate(
     run: Path = typer.Argument(..., help="fine-tuned run directory"),
-    budget: str = typer.Option(..., help="new target fraction of the original FLOPs, 0 < B <= 1"),
+    budget: float = typer.Option(..., help="new target fraction of the original FLOPs, 0 < B <= 1",
+                                 callback=in_range("budget")),
     data: str | None = typer.Option(None, help="data set (default: the one the run was trained on)"),
     data_dir: str | None = typer.Option(None, help="where the data set's files are"),
     output: Path | None = typer.Option(None, "-o", "--output", help="new run directory (default: RUN-cB)"),
 ) -> None:
     """Re-target a fine-tuned run to another budget by calibrating its gate thresholds (no retraining)."""
-    b = check_budget(budget)
-    out = output or Path(f"{run}-c{b:.2f}")
-    result = recalibrate(run, b, out, data, data_dir)
+    out = output or Path(f"{run}-c{budget:.2f}")
+    result = recalibrate(run, budget, out, data, data_dir)
     console = Console()
-    console.print(_summary(f"calibrated {run} to budget {b:.2f}", result, b))
+    print_result(console, f"calibrated {run} to budget {budget:.2f}", result, budget)
     console.print(f"wrote [bold]{out}[/bold]")
 
 

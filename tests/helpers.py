@@ -8,10 +8,10 @@ import dynamize
 
 
 def randomize(model: torch.nn.Module) -> torch.nn.Module:
-    """Give norms random affine parameters and statistics, and layer scales random values.
+    """Give norms random affine parameters and statistics, and layer scales and gains random values.
 
-    timm zero-initialises the last norm of residual branches; without this a residual branch adds nothing and
-    tests comparing outputs could not see a branch that was dropped or computed wrongly.
+    timm zero-initialises the last norm (or, in NF nets, the last gain) of residual branches; without this a residual
+    branch adds nothing and tests comparing outputs could not see a branch that was dropped or computed wrongly.
     """
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -22,7 +22,7 @@ def randomize(model: torch.nn.Module) -> torch.nn.Module:
                 m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
         for name, p in model.named_parameters():
-            if name.endswith("gamma"):
+            if name.endswith(("gamma", "gain")):
                 p.copy_(torch.rand(p.shape, generator=g) + 0.5)
     return model
 
@@ -43,21 +43,23 @@ def make_image_folder(root, classes: int = 3, per_class: int = 12, size: int = 3
     return root
 
 
-# The architecture sweep of the conversion and runtime tests, name -> input size. Families: ResNet/ResNet-D/ResNeXt/
-# SE-ResNet, RegNet, MobileNetV2/V3, EfficientNet/V2, MixNet, GhostNet, ReXNet, DLA, DPN, CSP nets, Res2Net, HRNet,
-# DenseNet, VGG, ConvNeXt, Xception, Inception, RepVGG, ...
+# The architecture sweep of the conversion and runtime tests, name -> input size: a small architecture from each of
+# 47 timm CNN families and variants. benchmarks/coverage.py measures coverage on a different list that no test names.
 ARCHS = {
-    "resnet18": 64, "resnet50d": 64, "resnext50_32x4d": 64, "seresnet50": 64, "regnetx_002": 64, "regnety_002": 64,
-    "mobilenetv2_100": 64, "mobilenetv3_small_100": 64, "efficientnet_b0": 64, "tf_efficientnetv2_b0": 64,
-    "mixnet_s": 64, "ghostnet_100": 64, "rexnet_100": 64, "dla34": 64, "dpn68": 64, "cspresnet50": 64,
-    "cspdarknet53": 64, "res2net50_14w_8s": 64, "hrnet_w18_small": 64, "densenet121": 64, "vgg11": 32,
-    "convnext_atto": 64, "legacy_xception": 64, "inception_v3": 96, "repvgg_a0": 64, "selecsls42b": 64,
-    "lcnet_050": 64, "mnasnet_100": 64, "tf_efficientnet_lite0": 64, "nf_resnet26": 64,
+    "resnet18": 32, "resnet50d": 32, "resnext50_32x4d": 32, "seresnet18": 32, "ecaresnet26t": 32, "skresnet18": 32,
+    "res2net50_14w_8s": 32, "resnest14d": 32, "nf_resnet26": 32, "resnetv2_18": 32, "regnetx_002": 32,
+    "regnety_002": 32, "regnetz_005": 32, "mobilenetv1_100": 32, "mobilenetv2_100": 32, "mobilenetv3_small_100": 32,
+    "mobilenetv4_conv_small_035": 32, "efficientnet_b0": 32, "tf_efficientnetv2_b0": 32, "tf_efficientnet_lite0": 32,
+    "mixnet_s": 32, "mnasnet_100": 32, "fbnetv3_b": 32, "lcnet_050": 32, "hardcorenas_b": 32, "tinynet_e": 32,
+    "ghostnet_100": 32, "ghostnetv2_100": 64, "rexnet_100": 32, "repghostnet_058": 32, "dla34": 32, "dpn68": 32,
+    "densenet121": 32, "repvgg_a0": 32, "gernet_s": 32, "cspresnet50": 32, "cs3darknet_focus_s": 32, "darknet17": 32,
+    "hrnet_w18_small": 64, "inception_v3": 75, "legacy_xception": 32, "selecsls42b": 64, "ese_vovnet19b_slim_dw": 32,
+    "hgnetv2_b0": 32, "convnext_atto": 32, "convnextv2_atto": 32, "starnet_s050": 32,
 }
 # Architectures that are reported as not gateable, and why.
 NOT_GATEABLE = {
-    "dpn68": "dual-path blocks sum slices of a shared tensor and feed grouped convolutions",
-    "nf_resnet26": "timm marks NormFreeBlock as not traceable, so its blocks are opaque to torch.fx",
+    "dpn68": "dual-path blocks add a slice of the branch output and concatenate the rest; the convs feed grouped "
+             "convolutions",
 }
 
 TINY_RECIPE = ["img_size=32", "in_chans=3", "epochs=1", "batch_size=8", "calib_size=6", "workers=0"]

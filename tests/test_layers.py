@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # (layer rank, module prefix); the longest matching prefix decides a module's layer.
 LAYERS = [
     (0, "dynamize.errors"), (0, "dynamize.version"),
-    (1, "dynamize.models"),
+    (1, "dynamize.models"), (1, "dynamize.ranges"),
     (2, "dynamize.graph"),
     (3, "dynamize.io"),
     (4, "dynamize.training"), (4, "dynamize.runtime"),

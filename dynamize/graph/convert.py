@@ -1,6 +1,7 @@
 """`dynamize.convert`: a timm model in, the same model with L-Net / C-Net gates out; `plan_model` decides where."""
 import copy
 import math
+from collections import Counter
 
 import torch
 from timm.data import resolve_model_data_config
@@ -14,7 +15,7 @@ from .find import Block, Graph, Group, find_blocks, find_groups, is_residual_add
 from .gates import gate_hidden
 from .plan import GATE_KINDS, BlockSite, ChannelGroup, CostItem, GatePlan, Skipped
 from .rewrite import rewrite
-from .trace import check_cnn, node_shape, trace
+from .trace import check_cnn, input_error, node_shape, trace
 from .units import assign_units, common_unit, crosses_blocks, is_within
 
 # A group outside every residual branch keeps at least this share of its channels: with no shortcut around it,
@@ -25,6 +26,7 @@ _SUPPORTED = ("timm CNNs: ResNet/ResNeXt/SE-ResNet, RegNet, MobileNet, Efficient
               "CSP nets, HRNet, DenseNet, VGG, ConvNeXt, ...")
 _CROSSES = ("runs from one block into a later stage (a projection): gating it would fold the residual blocks "
             "between into one unit; left ungated")
+_NO_ADDS = "no residual adds: channel gates only"
 _TOP_LEVEL = "spans the model's top-level modules (a stem into the first block): left ungated to keep the timm model"
 _SLOW = ("too little work for its gate to pay for itself in wall-clock time (gathering a kept channel's weights costs "
          "{:.1f}x the work of computing it, plus the gate's fixed cost): left ungated (profitable_only)")
@@ -43,20 +45,24 @@ def _trace_at_size(model: nn.Module, img_size: int | None) -> tuple[fx.GraphModu
     """Trace at timm's default input size (or `img_size` square), finding the input channels that run.
 
     timm's config says 3 channels whatever `in_chans` was; the first convolution usually says the truth, but a
-    space-to-depth stem (TResNet) multiplies it, so a few candidates are tried.
+    space-to-depth stem (TResNet) multiplies it, so a few candidates are run through the model first (a failed shape
+    propagation would print torch.fx's traceback).
     """
     _, h, w = resolve_model_data_config(model)["input_size"]
     if img_size:
         h = w = img_size
     first = next(m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d))
     candidates = list(dict.fromkeys(c for c in (first, 3, 1, first // 16, first // 4) if c > 0))
-    error = None
+    errors = []
     for c in candidates:
         try:
-            return trace(model, (c, h, w)), [c, h, w]
-        except ModelError as e:
-            error = error or e
-    raise error
+            with torch.no_grad():
+                model(torch.zeros(1, c, h, w))
+        except Exception as e:  # a model reports an input it cannot take as RuntimeError, AssertionError, ValueError...
+            errors.append(e)
+            continue
+        return trace(model, (c, h, w)), [c, h, w]
+    raise input_error(model, (first, h, w), errors[0])
 
 
 def plan_model(model: nn.Module, *, gates: str = "both", img_size: int | None = None,
@@ -88,7 +94,7 @@ def plan_model(model: nn.Module, *, gates: str = "both", img_size: int | None = 
     blocks, plan.skipped = find_blocks(g)
     groups, skipped_groups = find_groups(g, blocks)
     if gates in ("both", "layer") and not any(is_residual_add(n) for n in g.nodes):
-        plan.skipped.append(Skipped("block", arch, "no residual adds: channel gates only"))
+        plan.skipped.append(Skipped("block", arch, _NO_ADDS))
     if gates == "layer":
         groups = []
     else:
@@ -155,8 +161,7 @@ def plan_model(model: nn.Module, *, gates: str = "both", img_size: int | None = 
     plan.costs = [CostItem(node=n.name, flops=flops[n.name], block=block_of.get(n), groups=scaled_by.get(n, []))
                   for n in g.nodes if flops.get(n.name)]
     if not plan.blocks and not plan.groups:
-        raise ModelError(f"{arch} has nothing dynamize can gate with --gates {gates}: no residual conv blocks or "
-                         "convolution channel groups visible to torch.fx (timm may mark its blocks as not traceable)"
+        raise ModelError(f"{arch} has nothing dynamize can gate with --gates {gates}: {_why_nothing(plan.skipped)}"
                          f"; supported: {_SUPPORTED}")
     return plan
 
@@ -169,6 +174,17 @@ def _gather_share(g: Graph, group: Group, groups: list[Group], flops: dict[str, 
     gather = channel_gather_macs(ops.module_of(g.gm, group.producer), depthwise,
                                  [ops.module_of(g.gm, n) for n in group.sinks], group.channels, upstream)
     return None if channel_gate_pays(macs, gather, group.channels) else gather / max(macs, 1.0)
+
+
+def _why_nothing(skipped: list[Skipped]) -> str:
+    """The most frequent reasons why residual adds and convolutions were not gated, as one clause."""
+    counts = Counter((s.kind, s.reason) for s in skipped if s.reason != _NO_ADDS)
+    nouns = {"block": ("add", "adds"), "group": ("convolution", "convolutions")}
+    reasons = [f"{reason} ({n} {nouns[kind][n != 1]})" for (kind, reason), n in counts.most_common(3)]
+    if any(s.reason == _NO_ADDS for s in skipped):
+        reasons.insert(0, "no residual adds")
+    return "; ".join(reasons) or ("no residual conv blocks or convolution channel groups visible to torch.fx (timm may "
+                                  "mark its blocks as not traceable)")
 
 
 def _swallows_blocks(model: nn.Module, group: Group, blocks: list[Block]) -> bool:

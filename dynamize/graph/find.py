@@ -4,6 +4,7 @@ See docs/architecture.md for the rules. In short: a residual block is an add who
 the other operand's source x by a single-entry branch that contains convolutions; a channel group is the output
 of a convolution that reaches only other convolutions through per-channel operations (the op table, `ops.py`).
 """
+import operator
 from dataclasses import dataclass, field
 
 from torch import fx, nn
@@ -11,7 +12,7 @@ from torch import fx, nn
 from . import ops
 from .ops import Role
 from .plan import Skipped
-from .trace import node_shape
+from .trace import is_in_place, node_shape
 
 
 @dataclass
@@ -70,6 +71,20 @@ class Graph:
         self.nodes = list(gm.graph.nodes)
         self.order = {n: i for i, n in enumerate(self.nodes)}
         self._ancestors: dict[fx.Node, set[fx.Node]] = {}
+        output = self.nodes[-1]
+        live = self.ancestors(output) | {output}
+        # Side nodes compute nothing the output reads: shape asserts (`_assert(x.shape[1] == 2)`), in-place updates.
+        # One that reads only a value and what that value is computed from hangs on it, and goes wherever the value
+        # goes; an in-place update only if it changes that value.
+        self.hanging: dict[fx.Node, list[fx.Node]] = {}
+        for n in self.nodes:
+            if n not in live:
+                reads = {a for a in self.ancestors(n) if a in live and a.op != "get_attr"}
+                latest = max(reads, key=self.order.__getitem__, default=None)
+                if latest is None or not reads <= self.ancestors(latest) | {latest}:
+                    continue
+                if not is_in_place(n) or n.args[0] is latest:
+                    self.hanging.setdefault(latest, []).append(n)
 
     def ancestors(self, node: fx.Node) -> set[fx.Node]:
         if node not in self._ancestors:
@@ -83,11 +98,12 @@ class Graph:
         return self._ancestors[node]
 
     def owned_region(self, out: fx.Node) -> tuple[set[fx.Node], set[fx.Node]]:
-        """The nodes used only to compute `out`, and the region's inputs."""
-        region = {out}
+        """The nodes used only to compute `out` (with the side nodes that hang on them), and the region's inputs."""
+        region = {out, *self.hanging.get(out, ())}
         for n in sorted(self.ancestors(out), key=self.order.get, reverse=True):
-            if n.op != "placeholder" and n.users and all(u in region for u in n.users):
-                region.add(n)
+            own = {n, *self.hanging.get(n, ())}
+            if n.op != "placeholder" and n.users and all(u in region or u in own for u in n.users):
+                region |= own
         entries = {i for n in region for i in n.all_input_nodes if i not in region and i.op != "get_attr"}
         return region, entries
 
@@ -105,7 +121,7 @@ def find_blocks(g: Graph) -> tuple[list[Block], list[Skipped]]:
             continue
         best = None
         for out, other in (add.args, add.args[::-1]):
-            if len(out.users) != 1:
+            if len(out.users) - len(g.hanging.get(out, ())) != 1:
                 continue
             region, entries = g.owned_region(out)
             if len(entries) != 1:
@@ -120,7 +136,7 @@ def find_blocks(g: Graph) -> tuple[list[Block], list[Skipped]]:
             if best is None or n_convs > best[1]:
                 best = (Block(add, fork, out, other, region), n_convs)
         if best is None:
-            skipped.append(Skipped("block", owner(add), "a sum of branches, not `shortcut(x) + F(x)`"))
+            skipped.append(Skipped("block", owner(add), _why_not_block(add)))
             continue
         block = best[0]
         if block.region & taken or any(b.add in block.region for b in blocks):
@@ -129,6 +145,21 @@ def find_blocks(g: Graph) -> tuple[list[Block], list[Skipped]]:
         taken |= block.region
         blocks.append(block)
     return blocks, skipped
+
+
+def _why_not_block(add: fx.Node) -> str:
+    if any(_is_shared_slice(a) for a in add.all_input_nodes):
+        return "adds part of a branch output whose other channels go elsewhere (a dual-path block)"
+    return "a sum of branches, not `shortcut(x) + F(x)`"
+
+
+def _is_shared_slice(node: fx.Node) -> bool:
+    """A slice `y[:, a:b]` of a tensor that other nodes read too."""
+    if node.op != "call_function" or node.target is not operator.getitem:
+        return False
+    src, index = node.args
+    return (isinstance(src, fx.Node) and len(src.users) > 1 and isinstance(index, tuple)
+            and any(isinstance(i, slice) for i in index))
 
 
 def _channels(node: fx.Node, axis: int) -> int | None:
@@ -162,9 +193,13 @@ def _why_not(g: Graph, node: fx.Node) -> str:
         return "feeds a grouped convolution"
     if ops.is_conv(m) and m.padding_mode != "zeros":
         return f"feeds a convolution with {m.padding_mode} padding"
+    if ops.is_conv(m) and not ops.is_plain_conv(m):
+        return f"feeds a {type(m).__name__}, whose weights are not sliceable"
     if isinstance(m, nn.Linear) or (m is None and "flatten" in str(node.target)):
         return "feeds the classifier"
-    return f"feeds `{node.name}`, which mixes channels"
+    if ops.role(g.gm, node) is Role.CHANNELWISE:
+        return f"feeds `{node.name}` beside other layers (parallel paths that normalise it)"
+    return f"feeds `{node.name}`{f' ({type(m).__name__})' if m is not None else ''}, which mixes channels"
 
 
 def _follow(g: Graph, producer: fx.Node, axis: int) -> tuple[Group | None, str | None]:

@@ -45,8 +45,8 @@ class Gate(nn.Module):
         noise: scale of the logistic noise in training (1: Gumbel-sigmoid; 0: deterministic).
         forced: if set, a 0/1 tensor broadcastable to [batch, units] that replaces the decisions.
         last_keep: the decisions of the last forward pass, [batch, units], differentiable in training.
-        last_soft: the relaxed keep probabilities of the last training pass, [batch, units], for the losses that
-            shape the decisions; None in evaluation.
+        last_prob: the keep probabilities sigmoid(logit - threshold) of the last training pass, without noise,
+            [batch, units], for the losses that shape the decisions; None in evaluation.
     """
 
     def __init__(self, in_channels: int, units: int, hidden: int, min_keep: int = 0):
@@ -64,11 +64,16 @@ class Gate(nn.Module):
         self.noise = 1.0
         self.forced: torch.Tensor | None = None
         self.last_keep: torch.Tensor | None = None
-        self.last_soft: torch.Tensor | None = None
+        self.last_prob: torch.Tensor | None = None
 
     @property
     def is_active(self) -> bool:
         return bool(self.active)
+
+    @property
+    def learning(self) -> bool:
+        """True while the gate is active and its parameters are trained."""
+        return self.is_active and self.mlp[-1].weight.requires_grad
 
     def logits(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep logits and scales, each [batch, units], from the pooled gate input."""
@@ -78,7 +83,7 @@ class Gate(nn.Module):
     def forward(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Decisions (0/1) and scales, each [batch, units]."""
         n = pooled.shape[0]
-        self.last_soft = None
+        self.last_prob = None
         if not self.is_active:
             keep = pooled.new_ones(n, self.units)
             self.last_keep = keep
@@ -91,7 +96,7 @@ class Gate(nn.Module):
             soft = torch.sigmoid((logit - self.threshold + self.noise * (torch.log(u) - torch.log1p(-u))) / self.tau)
             hard = self._at_least_min_keep(soft > 0.5, logit)
             keep = hard.to(soft.dtype) + soft - soft.detach()
-            self.last_soft = soft
+            self.last_prob = torch.sigmoid(logit - self.threshold)
         else:
             keep = self._at_least_min_keep(logit > self.threshold, logit).to(logit.dtype)
         self.last_keep = keep
@@ -123,8 +128,10 @@ class ChannelGate(nn.Module):
 class GatedResidual(nn.Module):
     """L-Net around an outlined residual branch: returns ``shortcut + keep * scale * branch(x, *extra)``.
 
-    In evaluation, images whose block is skipped never enter the branch: the branch runs on the images that keep it
-    (gathered and scattered back), and not at all if none does. The branch is set by the unit that owns this gate
+    While its gate learns, every image runs the branch, multiplied by its 0/1 decision, so that the decision gets a
+    gradient. Otherwise (evaluation, or a frozen gate), images whose block is skipped never enter the branch: it runs
+    on the images that keep it (gathered and scattered back), and not at all if none does; BatchNorm statistics then
+    come from the images that run the block, as at inference. The branch is set by the unit that owns this gate
     (it runs the unit's own layers) and is not a submodule, so the layers keep their timm names.
     """
 
@@ -144,9 +151,10 @@ class GatedResidual(nn.Module):
 
     def forward(self, x: torch.Tensor, shortcut: torch.Tensor, pooled: torch.Tensor, *extra) -> torch.Tensor:
         keep, scale = self.gate(pooled)
-        if self.training:
-            return shortcut + (keep * scale).reshape(-1, 1, 1, 1) * self.branch(x, *extra)
         idx = keep[:, 0].nonzero()[:, 0]
+        # In training, one image alone cannot give BatchNorm statistics (a 1x1 map): it runs with the others.
+        if self.training and torch.is_grad_enabled() and (self.gate.learning or idx.numel() == 1):
+            return shortcut + (keep * scale).reshape(-1, 1, 1, 1) * self.branch(x, *extra)
         if idx.numel() == x.shape[0]:
             return shortcut + scale.reshape(-1, 1, 1, 1) * self.branch(x, *extra)
         if idx.numel():

@@ -6,9 +6,11 @@ per-channel op is added here, once; the runtime maps each role to one implementa
 """
 import enum
 import operator
+from typing import TypeGuard
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Conv2dSame
 from torch import fx, nn
 
 
@@ -45,15 +47,25 @@ def is_conv(m: nn.Module | None) -> bool:
     return isinstance(m, nn.Conv2d)
 
 
+# Convolutions that run their `weight` as it is stored, so a subset of channels runs on a slice of it. Weight-
+# standardising convolutions (StdConv2d, ScaledStdConv2d: NF nets, BiT) normalise each filter over all its inputs
+# first, and a slice of the stored weight would compute something else.
+_PLAIN_CONV_FORWARDS = (nn.Conv2d.forward, Conv2dSame.forward)
+
+
+def is_plain_conv(m: nn.Module | None) -> TypeGuard[nn.Conv2d]:
+    """A convolution with zero padding that convolves with its stored weight (the runtime can slice its filters)."""
+    return isinstance(m, nn.Conv2d) and type(m).forward in _PLAIN_CONV_FORWARDS and m.padding_mode == "zeros"
+
+
 def is_full_conv(m: nn.Module | None) -> bool:
-    """A convolution over all input channels whose filters the runtime can slice (zero padding)."""
-    return isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros"
+    """A plain convolution over all input channels."""
+    return is_plain_conv(m) and m.groups == 1
 
 
 def is_depthwise(m: nn.Module | None) -> bool:
-    """A depthwise convolution: one filter per channel, so it can run on any subset of channels."""
-    return (isinstance(m, nn.Conv2d) and m.groups == m.in_channels == m.out_channels and m.groups > 1
-            and m.padding_mode == "zeros")
+    """A plain depthwise convolution: one filter per channel, so it can run on any subset of channels."""
+    return is_plain_conv(m) and 1 < m.groups == m.in_channels == m.out_channels
 
 
 def is_running_batchnorm(m: nn.Module | None) -> bool:
@@ -76,7 +88,8 @@ def is_squeeze(node: fx.Node) -> bool:
     if node.op == "call_method" and node.target == "mean":
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         keepdim = node.kwargs.get("keepdim") or (len(node.args) > 2 and node.args[2])
-        return tuple(dims or ()) == (2, 3) and bool(keepdim)
+        axes = {dims} if isinstance(dims, int) else set(dims or ())  # type: ignore[arg-type]  # a tuple of ints
+        return axes in ({2, 3}, {-2, -1}) and bool(keepdim)  # x.mean(1, keepdim=True) is no squeeze
     return False
 
 

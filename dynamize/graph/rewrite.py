@@ -6,6 +6,7 @@ is the user's timm model object, so `forward_features`, `forward_head`, `reset_c
 weight names work as before. The model's class becomes a subclass of its timm class that adds `DynamicNet`'s
 methods (`plan`, `gates()`, ...).
 """
+import contextlib
 import copy
 from collections.abc import Callable, Iterator, Sequence
 
@@ -198,8 +199,9 @@ def _insert_gates(unit: DynamicUnit, graph: fx.Graph, blocks: list[BlockSite],
     return graph, branches
 
 
-class DynamicNet:
-    """The methods a gated timm model gains. A converted model is an instance of its own timm class and of this.
+class DynamicNet(nn.Module):
+    """The methods a gated timm model gains. A converted model is an instance of its own timm class and of this
+    (its class is `Dynamic<TimmClass>(DynamicNet, TimmClass)`; this class adds methods only, no state or __init__).
 
     Attributes:
         plan: the GatePlan the model was built from.
@@ -228,6 +230,19 @@ class DynamicNet:
         """The rewritten modules, as (module path, DynamicUnit)."""
         for path in self.plan.units:
             yield path, self.get_submodule(path)
+
+    @contextlib.contextmanager
+    def masked_path(self) -> Iterator[None]:
+        """Run the masked graph even in evaluation without gradients (e.g. to re-estimate BatchNorm statistics,
+        which the runtime's sliced layers do not update)."""
+        saved = [(unit, unit.runtime_mode) for _, unit in self.units()]
+        for unit, _ in saved:
+            unit.runtime_mode = None
+        try:
+            yield
+        finally:
+            for unit, mode in saved:
+                unit.runtime_mode = mode
 
     def base_state_dict(self) -> dict[str, torch.Tensor]:
         """The original timm model's weights (no gates), under timm's names."""

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 from timm.layers import get_notrace_functions, get_notrace_modules
+from timm.models.nfnet import NormFreeBlock
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -14,6 +15,11 @@ from ..errors import ModelError
 
 # Leaves are the units the plan reasons about; timm subclasses them (Conv2dSame, BatchNormAct2d, ...).
 _LEAF_TYPES = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+# No-trace modules that are traced all the same, because what made timm list them does not apply here. NormFreeBlock:
+# its in-place `out.mul_(skipinit_gain)` has no users, so torch.fx's dead-code elimination drops it
+# (pytorch/pytorch#68301); `symbolic_trace` keeps in-place calls, and `units.py` checks each unit's trace against the
+# module itself.
+_TRACED_ANYWAY = (NormFreeBlock,)
 
 
 class TimmTracer(fx.Tracer):
@@ -21,7 +27,7 @@ class TimmTracer(fx.Tracer):
 
     def __init__(self):
         super().__init__(autowrap_functions=tuple(f for f in get_notrace_functions() if callable(f)))
-        self._notrace = tuple(get_notrace_modules())
+        self._notrace = tuple(m for m in get_notrace_modules() if m not in _TRACED_ANYWAY)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, _LEAF_TYPES) or (self._notrace and isinstance(m, self._notrace)):
@@ -46,9 +52,16 @@ def symbolic_trace(module: nn.Module, none_args: Sequence[str] = ()) -> fx.Graph
             f"{type(module).__name__} cannot be traced by torch.fx ({type(e).__name__}: "
             f"{str(e).splitlines()[0][:120]}); dynamize supports timm CNNs that timm itself can trace") from None
     gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
-    gm.graph.eliminate_dead_code()  # unused split outputs would otherwise look like extra consumers
+    # Unused split outputs would otherwise look like extra consumers; in-place calls change their input.
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or is_in_place(n))
     gm.recompile()
     return gm
+
+
+def is_in_place(node: fx.Node) -> bool:
+    """A tensor method that changes its tensor in place (`x.mul_(g)`), whose effect outlives its unused result."""
+    target = node.target
+    return node.op == "call_method" and isinstance(target, str) and target.endswith("_") and not target.startswith("_")
 
 
 def trace(model: nn.Module, input_size: Sequence[int]) -> fx.GraphModule:
@@ -64,13 +77,17 @@ def trace(model: nn.Module, input_size: Sequence[int]) -> fx.GraphModule:
         with torch.no_grad():
             ShapeProp(gm).propagate(torch.zeros(1, *input_size))
     except RuntimeError as e:
-        cause = str(e.__cause__ or e).splitlines()[0][:120]
-        hint = "pass a larger --img-size" if "size" in cause else "check --in-chans and --img-size"
-        raise ModelError(f"{type(model).__name__} does not run at input size {tuple(input_size)} ({cause}); "
-                         f"{hint}") from None
+        raise input_error(model, input_size, e) from None
     finally:
         gm.train(was_training)
     return gm
+
+
+def input_error(model: nn.Module, input_size: Sequence[int], error: Exception) -> ModelError:
+    """The error for a model that raised `error` on one image of `input_size`, with what to change."""
+    cause = str(error.__cause__ or error).splitlines()[0][:120]
+    hint = "pass a larger --img-size" if "size" in cause else "check --in-chans and --img-size"
+    return ModelError(f"{type(model).__name__} does not run at input size {tuple(input_size)} ({cause}); {hint}")
 
 
 def check_cnn(model: nn.Module) -> None:

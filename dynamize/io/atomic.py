@@ -100,14 +100,18 @@ def newest_complete(path: str | Path) -> Path:
     """`path`, restored first if a `write_dir` was killed between its two renames.
 
     The newest complete version is then the new one (a temporary sibling marked complete) or the old one
-    (`.NAME.old-*`); it is renamed back to `path`.
+    (`.NAME.old-*`); it is renamed back to `path`, and the older leftovers are removed.
     """
     path = Path(path)
     if path.exists() or not path.parent.is_dir():
         return path
-    olds = list(path.parent.glob(f".{path.name}.old-*"))
-    done = [t for t in path.parent.glob(f".{path.name}.tmp-*") if (t / _COMPLETE).is_file()]
-    candidates = sorted(olds + done, key=lambda p: p.stat().st_mtime)
+    olds = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    done = sorted((t for t in path.parent.glob(f".{path.name}.tmp-*") if (t / _COMPLETE).is_file()),
+                  key=lambda p: p.stat().st_mtime)
+    candidates = olds + done  # a complete new version is newer than any old one it was to replace
     if candidates:
         candidates[-1].rename(path)
+        (path / _COMPLETE).unlink(missing_ok=True)
+        for older in candidates[:-1]:
+            shutil.rmtree(older, ignore_errors=True)
     return path

@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import ModelError, RunError
 from ..graph.convert import convert
 from ..graph.plan import GatePlan
-from ..graph.rewrite import rewrite
+from ..graph.rewrite import DynamicNet, rewrite
 from ..models import check_model_name, create_base
 from ..version import __version__
 from .atomic import write_dir, write_json
@@ -56,6 +56,26 @@ class Run:
     @property
     def in_chans(self) -> int:
         return int(self.config["in_chans"])
+
+    @property
+    def gate_plan(self) -> GatePlan:
+        """The plan of a gated run.
+
+        Raises:
+            RunError: the run holds a plain model.
+        """
+        if self.plan is None:
+            raise RunError(_plain_model(self.path))
+        return self.plan
+
+    @property
+    def teacher(self) -> Path:
+        """The run holding this run's original model (the teacher of its fine-tuning): recorded, or the run itself."""
+        return Path(self.info.get("teacher", self.path))
+
+
+def _plain_model(path: Path) -> str:
+    return f"{path} holds a plain model (from `dynamize train`), not a gated one; run `dynamize convert {path}` first"
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
@@ -110,8 +130,7 @@ def check_run(path: str | Path, kind: str | None = None) -> Run:
     plan = GatePlan.from_dict(config["dynamize"]["plan"]) if "plan" in config["dynamize"] else None
     run = Run(path, config, plan)
     if kind == GATED and plan is None:
-        raise RunError(f"{path} holds a plain model (from `dynamize train`), not a gated one; run "
-                       f"`dynamize convert {path}` first")
+        raise RunError(_plain_model(path))
     if kind == BASE and plan is not None:
         raise RunError(f"{path} holds a gated model; expected a plain model from `dynamize train`")
     found = _weights_header(path / WEIGHTS)
@@ -161,7 +180,7 @@ def _load(run: Run) -> nn.Module:
     return model.eval()
 
 
-def load(path: str | Path) -> nn.Module:
+def load(path: str | Path) -> DynamicNet:
     """Rebuild a gated model from a run directory: fresh timm base model, replayed plan, strict weights.
 
     Raises:
@@ -189,8 +208,7 @@ def load_base(path: str | Path) -> nn.Module:
 def load_teacher(run: str | Path) -> nn.Module:
     """The original model of a gated run (the teacher of its fine-tuning): the run recorded as `teacher` in its
     config.json, or the original weights inside the run itself."""
-    config = read_config(run)
-    teacher = Path(config["dynamize"].get("teacher", run))
+    teacher = Run(Path(run), read_config(run), None).teacher
     if not teacher.is_dir():
         raise RunError(f"the teacher run {teacher} recorded in {Path(run) / CONFIG} is gone")
     return load_base(teacher)
@@ -217,7 +235,7 @@ def _write_run(path: str | Path, state: dict[str, torch.Tensor], config: dict) -
     return write_dir(path, write, keep=lambda entry: entry.name not in (CONFIG, WEIGHTS))
 
 
-def save(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+def save(model: DynamicNet, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Save a gated model as the run directory `path`, as one step (other files of an existing run are kept).
 
     Args:

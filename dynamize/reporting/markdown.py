@@ -25,12 +25,20 @@ def summary_rows(entry: dict) -> list[tuple[str, str, str]]:
         ("budget asked", "-", _budget(entry)),
         ("FLOPs fraction mean", "1.000", f"{f['mean_fraction']:.3f}"),
         ("FLOPs fraction p5 / p50 / p95", "1.000", f"{f['p5']:.3f} / {f['p50']:.3f} / {f['p95']:.3f}"),
+        ("per-image adaptivity", "-", adaptivity_text(f)),
         ("GFLOPs / image (mean)", f"{gf:.4f}", f"{f['mean_gflops']:.4f}"),
         ("GFLOPs / image p5 / p50 / p95", f"{gf:.4f}",
          f"{f['p5_gflops']:.4f} / {f['p50_gflops']:.4f} / {f['p95_gflops']:.4f}"),
         ("gate overhead (all gates / measured)", "-", f"{_pct(f['gate_overhead'])} / {_pct(f['gate_mean_fraction'])}"),
         ("latency dense / dynamic (speedup)", "-", _latency(entry["latency"])),
     ]
+
+
+def adaptivity_text(f: dict) -> str:
+    """Spread, decision patterns and entropy, and a plain warning when the decisions hardly depend on the image."""
+    text = (f"p95 - p5 = {f['spread']:.3f}; {f['patterns']} decision patterns "
+            f"({f['pattern_entropy_bits']:.1f} bits)")
+    return text + ("; NEARLY STATIC: about the same compute for every image" if f["nearly_static"] else "")
 
 
 def _latency(latency) -> str:

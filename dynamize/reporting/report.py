@@ -18,10 +18,12 @@ from torch.utils.data import Dataset, Subset
 from ..errors import OutputError
 from ..graph.cost import GATES, OUTSIDE, flops_by_part, flops_per_image
 from ..graph.plan import GatePlan
+from ..graph.rewrite import DynamicNet
 from ..io.atomic import check_output_dir, write_json, write_text
-from ..io.runs import latest_run, load, load_teacher, read_config
+from ..io.runs import GATED, check_run, latest_run, load, load_teacher
 from ..runtime.bench import bench, open_target
 from ..training.data import DataError, DataSpec, eval_dataset, loader, num_classes
+from ..training.evaluate import adaptivity, decision_codes
 from ..version import __version__
 from .markdown import render_markdown
 from .plots import write_plots
@@ -74,12 +76,13 @@ def default_output(names: Sequence[str], static: bool = False) -> Path:
 
 
 def data_spec(run: Path, config: dict, data: str | None = None, data_dir: str | None = None) -> DataSpec:
-    """The evaluation data of a run: `data` if given, else the data set its recipe was fine-tuned on.
+    """The evaluation data of a run: `data` if given, else the data set it was fine-tuned on, or the one a converted
+    `dynamize train` run was trained on.
 
     Raises:
-        DataError: no data given and the run records none (a converted, not fine-tuned run).
+        DataError: no data given and the run records none (converted from a timm model, not fine-tuned).
     """
-    recipe = config["dynamize"].get("recipe") or {}
+    recipe = config["dynamize"].get("recipe") or config["dynamize"].get("data") or {}
     in_chans, img_size = config["dynamize"]["plan"]["input_size"][:2]
     name = data or recipe.get("data")
     if not name:
@@ -101,7 +104,7 @@ def class_names(ds: Dataset, n: int) -> list[str]:
 
 
 @torch.no_grad()
-def _collect(model: nn.Module, teacher: nn.Module, data) -> dict[str, torch.Tensor]:
+def _collect(model: DynamicNet, teacher: nn.Module, data) -> dict[str, torch.Tensor]:
     """One pass over `data`: labels, top-5 of both models, FLOPs fractions and parts, every gate's decisions."""
     model.eval()
     teacher.eval()
@@ -113,6 +116,7 @@ def _collect(model: nn.Module, teacher: nn.Module, data) -> dict[str, torch.Tens
         out["top5"].append(logits.topk(k, dim=1).indices)
         out["teacher_top5"].append(teacher(images).topk(k, dim=1).indices)
         out["fractions"].append(flops_per_image(model))
+        out["codes"].append(decision_codes(model))
         for part, flops in flops_by_part(model).items():
             out[f"part:{part}"].append(flops)
         for kind, name, gate in model.gates():
@@ -126,11 +130,15 @@ def _accuracy(top5: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     return {"top1": 100 * hit[:, 0].float().mean().item(), "top5": 100 * hit.any(1).float().mean().item()}
 
 
-def _flops_summary(plan: GatePlan, fractions: torch.Tensor, gate_flops: torch.Tensor) -> dict:
-    """Distribution of per-image FLOPs fractions (quantiles interpolate linearly, as numpy's default) and GFLOPs."""
-    q = {f"p{p}": fractions.quantile(p / 100).item() for p in (5, 50, 95)}
+def _flops_summary(plan: GatePlan, fractions: torch.Tensor, codes: torch.Tensor, gate_flops: torch.Tensor) -> dict:
+    """Distribution of per-image FLOPs fractions (quantiles interpolate linearly, as numpy's default), GFLOPs, and
+    how much the decisions depend on the image (spread, distinct decision patterns, their entropy)."""
+    a = adaptivity(fractions, codes)
+    q = {k: a[k] for k in ("p5", "p50", "p95")}
     gflops = plan.total_flops / 1e9
-    return {"original_gflops": gflops, "mean_fraction": fractions.mean().item(), **q,
+    return {"original_gflops": gflops, "mean_fraction": fractions.mean().item(), **q, "spread": a["spread"],
+            "patterns": a["patterns"], "pattern_entropy_bits": a["pattern_entropy_bits"],
+            "nearly_static": a["nearly_static"],
             "min": fractions.min().item(), "max": fractions.max().item(),
             "mean_gflops": fractions.mean().item() * gflops, **{f"{k}_gflops": v * gflops for k, v in q.items()},
             "gate_overhead": plan.gate_flops / plan.total_flops,
@@ -185,7 +193,8 @@ def _per_class(c: dict[str, torch.Tensor], names: list[str]) -> list[dict]:
 
 
 def _run_header(run: Path, name: str, config: dict, plan: GatePlan) -> dict:
-    return {"name": name, "path": str(run.resolve()), "architecture": plan.architecture, "gates": plan.gates,
+    gates = config["dynamize"].get("gates_trained") or plan.gates  # a layer-only run of a "both" plan is "layer"
+    return {"name": name, "path": str(run.resolve()), "architecture": plan.architecture, "gates": gates,
             "input_size": plan.input_size, "budget": config["dynamize"].get("budget"), "latency": NOT_MEASURED}
 
 
@@ -198,7 +207,7 @@ def evaluate_run(run: Path, name: str | None = None, data: str | None = None, da
         DataError: no data given or recorded, unreadable data, or a class count that differs from the model's head.
     """
     run = Path(run)
-    config = read_config(run)
+    config = check_run(run, GATED).config
     spec = data_spec(run, config, data, data_dir)
     model = load(run)
     ds = eval_dataset(spec)
@@ -218,7 +227,7 @@ def evaluate_run(run: Path, name: str | None = None, data: str | None = None, da
                       "images": len(ds), "classes": classes},
              "accuracy": _accuracy(c["top5"], c["labels"]),
              "teacher": {"path": teacher, **_accuracy(c["teacher_top5"], c["labels"])},
-             "flops": _flops_summary(model.plan, c["fractions"], c[f"part:{GATES}"]),
+             "flops": _flops_summary(model.plan, c["fractions"], c["codes"], c[f"part:{GATES}"]),
              **_blocks(model.plan, c), "per_class": _per_class(c, names)}
     return RunEvaluation(entry, c["fractions"], c["labels"], c["top5"][:, 0], ds, names)
 
@@ -235,18 +244,20 @@ def measure_latency(run: Path, batch_sizes: Sequence[int] = (1, 32), repeats: in
 
 def evaluate_runs(runs: Sequence[Path], data: str | None = None, data_dir: str | None = None,
                   limit: int = 0, batch_size: int = 64) -> list[RunEvaluation]:
-    """Evaluate several runs (see `evaluate_run`); every run's config and data are checked before the first (slow)
-    evaluation, so a bad last run fails at once."""
+    """Evaluate several runs (see `evaluate_run`); every run, its teacher and its data are checked before the first
+    (slow) evaluation, so a bad last run fails at once."""
     for run in runs:
-        data_spec(Path(run), read_config(run), data, data_dir)
+        checked = check_run(run, GATED)
+        check_run(checked.teacher)
+        data_spec(Path(run), checked.config, data, data_dir)
     return [evaluate_run(run, name, data, data_dir, limit, batch_size) for run, name in zip(runs, run_names(runs))]
 
 
 def static_entry(run: Path, name: str | None = None) -> dict:
     """A run's plan and FLOPs accounting, without data: what each block and group could cost at most."""
     run = Path(run)
-    config = read_config(run)
-    plan = GatePlan.from_dict(config["dynamize"]["plan"])
+    checked = check_run(run, GATED)
+    config, plan = checked.config, checked.gate_plan
     return {**_run_header(run, name or run.resolve().name, config, plan), "data": None, "accuracy": None,
             "teacher": None,
             "flops": {"original_gflops": plan.total_flops / 1e9, "gate_overhead": plan.gate_flops / plan.total_flops,

@@ -1,7 +1,9 @@
 """Data for training and evaluation through timm's data pipeline: Fashion-MNIST, timm dataset names, folders.
 
-A corrupt or unreadable image stops the run with one line naming the file (rather than silently shrinking a data
-set); the held-out calibration split is carved from the training data with a fixed seed, never from the eval split.
+Three disjoint splits: training, calibration (carved from the training data with the recipe's seed) and evaluation.
+An image folder is evaluated on its val/, validation/ or test/ folder; without one, a fixed share of train/ is held
+out (always the same images, whatever the seed), so a model is never evaluated on images it was trained on. A
+corrupt or unreadable image stops the run with one line naming the file (rather than silently shrinking a data set).
 """
 import gzip
 import os
@@ -9,6 +11,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from PIL import Image
@@ -26,6 +29,9 @@ _FMNIST_STATS = ((0.2860,), (0.3530,))
 _TIMM_PREFIXES = ("torch", "hfds", "hfids", "tfds", "wds")  # timm dataset names look like torch/cifar10
 _VERIFY_LIMIT = 50_000
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+TRAIN_SPLITS = ("train", "training")
+EVAL_SPLITS = ("val", "validation", "test")  # in this order of preference
+_HELD_OUT_SEED = 20_200_101  # fixed: every run and report on a folder without val/ evaluates on the same images
 
 
 class DataError(DynamizeError):
@@ -89,24 +95,39 @@ class DataSpec:
     in_chans: int = 1
 
 
-def _check_folder(root: Path) -> None:
+def _folder_splits(root: Path) -> tuple[Path, Path | None]:
+    """The training folder and the evaluation folder (None if there is none) of an image-folder data set, checked.
+
+    Raises:
+        DataError: no such folder, no train/, fewer than 2 classes, no images, an evaluation class that training
+            lacks, or an unreadable image.
+    """
     if not root.exists():
         raise DataError(f"data folder {root} does not exist")
     if not root.is_dir():
         raise DataError(f"data path {root} is not a folder")
-    splits = [p for p in root.iterdir() if p.is_dir()]
+    splits = {p.name: p for p in root.iterdir() if p.is_dir()}
     if not splits:
         raise DataError(f"data folder {root} is empty; expected train/CLASS/*.png and val/CLASS/*.png")
-    for split in splits:
-        classes = [p for p in split.iterdir() if p.is_dir()]
-        if split.name in ("train", "training", "val", "validation", "test") and len(classes) < 2:
-            raise DataError(f"{split} has {len(classes)} class folder(s); a classifier needs at least 2")
-        if classes and not any(f.suffix.lower() in _IMAGE_SUFFIXES for c in classes for f in c.iterdir()):
-            raise DataError(f"{split} has class folders but no images")
-    if not any(p.name in ("train", "training") for p in splits):
+    train = next((splits[n] for n in TRAIN_SPLITS if n in splits), None)
+    if train is None:
         raise DataError(f"data folder {root} has no train/ split (expected train/CLASS/*.png)")
-    _verify_images([f for s in splits for c in s.iterdir() if c.is_dir() for f in c.iterdir()
-                    if f.suffix.lower() in _IMAGE_SUFFIXES])
+    evaluation = next((splits[n] for n in EVAL_SPLITS if n in splits), None)
+    classes = {}
+    for split in [s for s in (train, evaluation) if s is not None]:
+        folders = [p for p in split.iterdir() if p.is_dir()]
+        if len(folders) < 2:
+            raise DataError(f"{split} has {len(folders)} class folder(s); a classifier needs at least 2")
+        classes[split] = {c.name: [f for f in c.iterdir() if f.suffix.lower() in _IMAGE_SUFFIXES] for c in folders}
+        if not any(classes[split].values()):
+            raise DataError(f"{split} has class folders but no images")
+    if evaluation is not None:
+        unknown = sorted(set(classes[evaluation]) - set(classes[train]))
+        if unknown:
+            raise DataError(f"{evaluation} has class folder(s) that {train} lacks ({', '.join(unknown[:3])}); "
+                            "a model cannot learn a class it never sees")
+    _verify_images([f for by_class in classes.values() for files in by_class.values() for f in files])
+    return train, evaluation
 
 
 def _verify_images(files) -> None:
@@ -124,23 +145,28 @@ def _verify_images(files) -> None:
             raise DataError(f"cannot read image {f}; remove or replace it") from None
 
 
-def _raw_dataset(spec: DataSpec, train: bool):
-    """The split as a timm dataset of (PIL image, label)."""
-    split = "train" if train else "validation"
-    if spec.name == FASHION_MNIST:
-        root = _fashion_mnist_root(Path(spec.data_dir) if spec.data_dir else None)
-        return create_dataset("torch/fashion_mnist", root=str(root), split=split, download=False)
-    path = Path(spec.name)
-    if spec.name.split("/", 1)[0] not in _TIMM_PREFIXES:
-        _check_folder(path)
-        try:
-            return create_dataset("", root=str(path), split=split)
-        except Exception as e:  # timm raises plain errors for missing splits / unreadable folders
-            if train:
-                raise DataError(f"cannot read {path} as an image folder ({str(e)[:120]})") from None
-            return create_dataset("", root=str(path), split="train")
+def _folder_dataset(split: Path, **kwargs):
     try:
-        return create_dataset(spec.name, root=spec.data_dir, split=split, download=False)
+        return create_dataset("", root=str(split), search_split=False, **kwargs)
+    except Exception as e:  # timm raises plain errors for unreadable folders
+        raise DataError(f"cannot read {split} as an image folder ({str(e)[:120]})") from None
+
+
+def _raw_splits(spec: DataSpec):
+    """The training and evaluation splits as timm datasets of (PIL image, label); evaluation is None for an image
+    folder without val/, validation/ or test/."""
+    if spec.name == FASHION_MNIST:
+        root = str(_fashion_mnist_root(Path(spec.data_dir) if spec.data_dir else None))
+        return tuple(create_dataset("torch/fashion_mnist", root=root, split=split, download=False)
+                     for split in ("train", "validation"))
+    if spec.name.split("/", 1)[0] not in _TIMM_PREFIXES:
+        train_dir, eval_dir = _folder_splits(Path(spec.name))
+        train = _folder_dataset(train_dir)
+        # The training folder's class indices, so that an evaluation folder missing a class keeps the same labels.
+        return train, _folder_dataset(eval_dir, class_map=train.reader.class_to_idx) if eval_dir is not None else None
+    try:
+        return tuple(create_dataset(spec.name, root=spec.data_dir, split=split, download=False)
+                     for split in ("train", "validation"))
     except Exception as e:  # timm's dataset back-ends raise their own error types
         raise DataError(f"timm cannot open dataset {spec.name!r} in {spec.data_dir} ({str(e)[:120]})") from None
 
@@ -166,29 +192,80 @@ def transform(spec: DataSpec, train: bool):
     return create_transform(size, is_training=False, crop_pct=1.0, mean=mean, std=std)
 
 
-def datasets(spec: DataSpec, calib_size: int, train_subset: int = 0, seed: int = 0) -> tuple[Dataset, Dataset, Dataset]:
-    """(train, calibration, eval) datasets; calibration is carved from the training data with a fixed seed.
+class HeldOut(Subset):
+    """Evaluation images held out from the training images of a folder that has no val/, validation/ or test/."""
+
+
+class Splits(NamedTuple):
+    """The three disjoint splits of a data set."""
+    train: Subset
+    calib: Subset
+    evaluation: "_Images | HeldOut"
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "calib": len(self.calib), "eval": len(self.evaluation)}
+
+    def describe(self) -> str:
+        """One line: the size of each split, and where the evaluation images come from when held out."""
+        n = self.sizes()
+        held = (" (evaluation images held out from train/: the folder has no val/, validation/ or test/)"
+                if isinstance(self.evaluation, HeldOut) else "")
+        return f"data: {n['train']:,} training, {n['calib']:,} calibration and {n['eval']:,} evaluation images{held}"
+
+
+def split_size(n: int) -> int:
+    """The default size of a split carved from n images: 10%, at least 100 and at most 2,000, at most a quarter."""
+    return max(1, min(max(round(n / 10), 100), 2000, n // 4))
+
+
+def _held_out(n: int) -> tuple[list[int], list[int]]:
+    """(evaluation, rest) indices of n training images; the same for every run, whatever its seed."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(_HELD_OUT_SEED)).tolist()
+    k = split_size(n)
+    return sorted(order[:k]), sorted(order[k:])
+
+
+def _mode(spec: DataSpec) -> str:
+    return "L" if spec.in_chans == 1 else "RGB"
+
+
+def _evaluation(spec: DataSpec, raw_train, raw_eval) -> tuple["_Images | HeldOut", list[int]]:
+    """The evaluation split and the indices of the training images it leaves for training and calibration."""
+    if raw_eval is not None:
+        return _Images(raw_eval, _mode(spec), transform(spec, False)), list(range(len(raw_train)))
+    held, rest = _held_out(len(raw_train))
+    return HeldOut(_Images(raw_train, _mode(spec), transform(spec, False)), held), rest
+
+
+def datasets(spec: DataSpec, calib_size: int | None = None, train_subset: int = 0, seed: int = 0) -> Splits:
+    """(train, calibration, evaluation) datasets, disjoint; calibration is carved from the training images with
+    `seed`, evaluation is the data set's own split or, for a folder without one, held out from train/.
 
     Args:
+        calib_size: calibration images; None: `split_size` of the training images.
         train_subset: if > 0, use only this many training images (a random subset, for quick runs).
+
+    Raises:
+        DataError: missing or malformed data, or too few training images for the calibration split.
     """
-    mode = "L" if spec.in_chans == 1 else "RGB"
-    raw_train = _raw_dataset(spec, train=True)
-    if len(raw_train) <= calib_size:
-        raise DataError(f"the training split has {len(raw_train)} images, not more than calib_size={calib_size}")
-    order = torch.randperm(len(raw_train), generator=torch.Generator().manual_seed(seed)).tolist()
-    calib_idx, train_idx = order[:calib_size], order[calib_size:]
+    raw_train, raw_eval = _raw_splits(spec)
+    evaluation, pool = _evaluation(spec, raw_train, raw_eval)
+    size = calib_size or split_size(len(pool))
+    if len(pool) <= size:
+        raise DataError(f"the training split has {len(pool)} images, not more than calib_size={size}; lower "
+                        "calib_size or leave it unset (10% of the training split)")
+    order = [pool[i] for i in torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed)).tolist()]
+    calib_idx, train_idx = order[:size], order[size:]
     if train_subset:
         train_idx = train_idx[:train_subset]
-    train = Subset(_Images(raw_train, mode, transform(spec, True)), train_idx)
-    calib = Subset(_Images(raw_train, mode, transform(spec, False)), calib_idx)
-    evaluation = _Images(_raw_dataset(spec, train=False), mode, transform(spec, False))
-    return train, calib, evaluation
+    train = Subset(_Images(raw_train, _mode(spec), transform(spec, True)), train_idx)
+    calib = Subset(_Images(raw_train, _mode(spec), transform(spec, False)), calib_idx)
+    return Splits(train, calib, evaluation)
 
 
 def eval_dataset(spec: DataSpec) -> Dataset:
-    """The evaluation split alone."""
-    return _Images(_raw_dataset(spec, train=False), "L" if spec.in_chans == 1 else "RGB", transform(spec, False))
+    """The evaluation split alone (the same images as `datasets` gives)."""
+    return _evaluation(spec, *_raw_splits(spec))[0]
 
 
 def num_classes(ds: Dataset) -> int:

@@ -1,4 +1,5 @@
-"""Accuracy and per-image FLOPs of a model on a data set, with the model's hard (evaluation) decisions."""
+"""Accuracy, per-image FLOPs and adaptivity of a model on a data set, with its hard (evaluation) decisions."""
+from functools import lru_cache
 
 import torch
 from torch import nn
@@ -7,36 +8,68 @@ from torch.utils.data import DataLoader
 from ..graph.cost import flops_per_image
 from ..graph.rewrite import DynamicNet
 
+# Below this p95 - p5 spread of per-image FLOPs fractions, a model's decisions are called nearly static: it is
+# pruned, not adaptive.
+STATIC_SPREAD = 0.02
+
+
+@lru_cache(maxsize=8)
+def _code_weights(units: int) -> torch.Tensor:
+    return torch.rand(units, dtype=torch.float64, generator=torch.Generator().manual_seed(units))
+
+
+def decision_codes(model: DynamicNet) -> torch.Tensor:
+    """One number per image of the last pass that differs between images whose decisions differ (a random
+    projection of every active gate's 0/1 decisions), [batch]."""
+    keep = torch.cat([gate.last_keep > 0.5 for _, _, gate in model.gates() if gate.is_active], dim=1)
+    return keep.double() @ _code_weights(keep.shape[1])
+
 
 @torch.no_grad()
 def predict(model: nn.Module, data: DataLoader) -> dict[str, torch.Tensor]:
-    """Labels, top-5 predictions and (for gated models) per-image FLOPs fractions, in data order."""
+    """Labels, top-5 predictions and, for gated models, per-image FLOPs fractions and decision codes, in data
+    order."""
     was_training = model.training
     model.eval()
-    labels, top5, fractions = [], [], []
+    out: dict[str, list[torch.Tensor]] = {"labels": [], "top5": [], "fractions": [], "codes": []}
+    gated = isinstance(model, DynamicNet)
+    active = gated and any(gate.is_active for _, _, gate in model.gates())
     for images, target in data:
         logits = model(images)
-        labels.append(target)
-        top5.append(logits.topk(min(5, logits.shape[1]), dim=1).indices)
-        if isinstance(model, DynamicNet):
-            fractions.append(flops_per_image(model))
+        out["labels"].append(target)
+        out["top5"].append(logits.topk(min(5, logits.shape[1]), dim=1).indices)
+        if gated:
+            out["fractions"].append(flops_per_image(model))
+        if active:
+            out["codes"].append(decision_codes(model))
     model.train(was_training)
-    out = {"labels": torch.cat(labels), "top5": torch.cat(top5)}
-    if fractions:
-        out["fractions"] = torch.cat(fractions)
+    return {k: torch.cat(v) for k, v in out.items() if v}
+
+
+def adaptivity(fractions: torch.Tensor, codes: torch.Tensor | None = None) -> dict:
+    """How much the compute depends on the image: quantiles and spread of the per-image FLOPs fraction, and the
+    number and entropy (bits) of distinct decision patterns."""
+    q = {f"p{p}": fractions.quantile(p / 100).item() for p in (5, 50, 95)}
+    out = {"mean": fractions.mean().item(), **q, "spread": q["p95"] - q["p5"]}
+    if codes is not None:
+        _, counts = codes.unique(return_counts=True)
+        share = counts.double() / counts.sum()
+        out.update(patterns=len(counts), pattern_entropy_bits=-(share * share.log2()).sum().item())
+    out["nearly_static"] = out["spread"] < STATIC_SPREAD
     return out
 
 
-def summarize(pred: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Top-1 / top-5 accuracy in percent and the FLOPs fraction's mean and p95."""
+def summarize(pred: dict[str, torch.Tensor]) -> dict:
+    """Top-1 / top-5 accuracy in percent and, for gated models, the FLOPs fraction's mean, quantiles and
+    adaptivity (see `adaptivity`)."""
     hit = pred["top5"] == pred["labels"][:, None]
     out = {"top1": 100 * hit[:, 0].float().mean().item(), "top5": 100 * hit.any(1).float().mean().item(),
            "n": len(pred["labels"])}
     if "fractions" in pred:
-        f = pred["fractions"]
-        out.update(flops_mean=f.mean().item(), flops_p95=f.quantile(0.95).item())
+        a = adaptivity(pred["fractions"], pred.get("codes"))
+        out.update(flops_mean=a.pop("mean"), flops_p95=a["p95"], adaptivity=a)
     return out
 
 
-def evaluate(model: nn.Module, data: DataLoader) -> dict[str, float]:
+def evaluate(model: nn.Module, data: DataLoader) -> dict:
     return summarize(predict(model, data))

@@ -8,33 +8,32 @@ import torch
 from rich.console import Console
 from timm.task import ClassificationTask
 from torch import nn
-from torch.utils.data import Subset
+from torch.utils.data import DataLoader, Subset
 
-from ..errors import RunError
-from ..io.runs import load, load_teacher, read_config, save, save_base
+from ..graph.rewrite import DynamicNet
+from ..io.runs import load, load_base, load_teacher, save, save_base
 from ..models import create_base, load_backbone, read_state_dict
 from ..version import __version__
-from .calibrate import calibrate
-from .data import DataSpec, datasets, loader, num_classes
+from .batchnorm import reestimate_batchnorm
+from .calibrate import calibrate, mean_fraction
+from .data import loader, num_classes
 from .distill import BudgetDistillationTask, configure_gates, param_groups
 from .evaluate import evaluate
 from .loop import fit, init_distributed
+from .preflight import check_calibrate, check_finetune, check_train
 from .recipe import Recipe
 
 # Beyond this gap between the FLOPs fraction reached in training and the budget, calibration does most of the cutting.
 # (0.13 in the Fashion-MNIST ResNet-18 sweep at budget 0.3, which kept its accuracy; 0.39 for MobileNetV2, which did
 # not: docs/benchmarks.md).
 _CALIBRATION_GAP = 0.25
+_BUDGET_TOLERANCE = 0.005  # on the calibration split; the test split is then within about 0.01
 
 
 def provenance() -> dict:
     """Who made a run, when and how: recorded in config.json."""
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
             "dynamize": __version__, "torch": torch.__version__, "command": " ".join(sys.argv)}
-
-
-def _spec(recipe: Recipe) -> DataSpec:
-    return DataSpec(recipe.data, recipe.data_dir, recipe.img_size, recipe.in_chans)
 
 
 def _eval_loader(ds, recipe: Recipe):
@@ -44,8 +43,13 @@ def _eval_loader(ds, recipe: Recipe):
 
 
 def _on_split(prefix: str, data):
-    """The per-epoch evaluation of the training loop: metrics on a held-out split, keys prefixed."""
-    return lambda model: {f"{prefix}_{k}": v for k, v in evaluate(model, data).items()}
+    """The per-epoch evaluation of the training loop: metrics on a held-out split, keys prefixed, flat."""
+    def run(model: nn.Module) -> dict:
+        metrics = evaluate(model, data)
+        flat = {**{k: v for k, v in metrics.items() if k != "adaptivity"},
+                **{f"flops_{k}": v for k, v in metrics.get("adaptivity", {}).items() if k in ("spread", "patterns")}}
+        return {f"{prefix}_{k}": v for k, v in flat.items()}
+    return run
 
 
 def train_base(recipe: Recipe, out: Path, resume: bool = False, console: Console | None = None,
@@ -53,14 +57,19 @@ def train_base(recipe: Recipe, out: Path, resume: bool = False, console: Console
     """Fit a plain timm model on the recipe's data (a teacher when no pretrained weights are at hand).
 
     Args:
-        init: weights to start from (e.g. ImageNet weights); a classifier of another size is re-initialised.
+        init: weights to start from (e.g. ImageNet weights): a weights file or a run directory (of `dynamize train`
+            or `dynamize convert`: its original model); a classifier of another size is re-initialised.
     """
+    console = console or Console()
     ddp = init_distributed()
-    train, calib, test = datasets(_spec(recipe), recipe.calib_size, recipe.train_subset, recipe.seed)
+    data = check_train(recipe, out, resume, init)
+    if ddp.main:
+        console.print(data.describe(), highlight=False, soft_wrap=True)
+    train, calib, test = data
     torch.manual_seed(recipe.seed)
     model = create_base(recipe.model, num_classes=num_classes(train), in_chans=recipe.in_chans)
     if init is not None:
-        load_backbone(model, read_state_dict(init))
+        load_backbone(model, load_base(init).state_dict() if Path(init).is_dir() else read_state_dict(init))
     groups = [{"params": list(model.parameters()), "lr": recipe.lr_backbone, "weight_decay": recipe.weight_decay}]
     history = fit(ClassificationTask(model, criterion=nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing),
                                      verbose=False), model, train, recipe, out, groups, resume=resume, ddp=ddp,
@@ -68,63 +77,83 @@ def train_base(recipe: Recipe, out: Path, resume: bool = False, console: Console
     if not ddp.main:
         return {}
     result = {"eval": evaluate(model, _eval_loader(test, recipe)), "history": history}
-    save_base(model, out, recipe.in_chans, {"recipe": recipe.to_dict(), "eval": result["eval"],
-                                            "provenance": provenance()})
+    save_base(model, out, recipe.in_chans, {"recipe": recipe.to_dict(), "splits": data.sizes(),
+                                            "eval": result["eval"], "provenance": provenance()})
     return result
 
 
-def finetune(run: Path, recipe: Recipe, out: Path, resume: bool = False, console: Console | None = None) -> dict:
-    """Budget-controlled distillation of a converted run into `out`, then calibration to the budget.
+def settle(model: DynamicNet, calib: DataLoader, recipe: Recipe, console: Console | None = None) -> dict:
+    """Bring a gated model to the budget for inference: BatchNorm re-estimated, thresholds calibrated on held-out
+    data, BatchNorm re-estimated for the calibrated decisions, repeated while the fraction drifts off the budget.
 
-    Returns the calibration result and the eval-split metrics of the final model.
+    Returns:
+        The calibration (see `calibrate`), with the fraction the gates reached before it.
+    """
+    before = mean_fraction(model, calib)
+    if console is not None and before > recipe.budget + _CALIBRATION_GAP:
+        console.print(f"[yellow]warning:[/yellow] the gates reached a FLOPs fraction of {before:.2f} in training, "
+                      f"far above the budget {recipe.budget:.2f}; calibration will cut what they did not learn to cut "
+                      "and accuracy may drop: train longer or raise budget_weight")
+    reestimate_batchnorm(model, calib, recipe.bn_images)
+    for _ in range(3):
+        cal = calibrate(model, calib, recipe.budget)
+        reestimate_batchnorm(model, calib, recipe.bn_images)
+        cal["fraction"] = mean_fraction(model, calib)
+        if abs(cal["fraction"] - recipe.budget) <= _BUDGET_TOLERANCE:
+            break
+    return {**cal, "trained_fraction": before}
+
+
+def finetune(run: Path, recipe: Recipe, out: Path, resume: bool = False, console: Console | None = None) -> dict:
+    """Budget-controlled distillation of a converted run into `out`: gate learning, settling at the calibrated
+    thresholds (see `distill.py`), and a final calibration to the budget.
+
+    Returns the calibration result and the eval-split metrics of the final model and its teacher.
     """
     console = console or Console()
     ddp = init_distributed()
+    inputs = check_finetune(run, recipe, out, resume)
+    if ddp.main:
+        console.print(inputs.splits.describe(), highlight=False, soft_wrap=True)
     student = load(run)
     teacher = load_teacher(run)
-    config = read_config(run)
-    train, calib, test = datasets(_spec(recipe), recipe.calib_size, recipe.train_subset, recipe.seed)
-    if num_classes(train) != student.num_classes:
-        raise RunError(f"the data has {num_classes(train)} classes but {run} was converted with "
-                       f"{student.num_classes}; convert with --num-classes {num_classes(train)}")
+    config = inputs.run.config
+    train, calib, test = inputs.splits
     configure_gates(student, recipe.gates, recipe.gumbel_tau)
-    task = BudgetDistillationTask(student, teacher, recipe)
     calib_loader = loader(calib, 256)
+
+    def settle_gates() -> None:
+        with console.status("settling: calibrating thresholds and re-estimating BatchNorm"):
+            cal = settle(student, calib_loader, recipe, console)
+        console.print(f"settled at FLOPs fraction {cal['fraction']:.3f} (gates had reached "
+                      f"{cal['trained_fraction']:.3f}); now tuning the backbone with frozen gates")
+
+    task = BudgetDistillationTask(student, teacher, recipe, settle=settle_gates)
     history = fit(task, student, train, recipe, out, param_groups(student, recipe), resume=resume,
                   evaluate=_on_split("calib", calib_loader), ddp=ddp, console=console)
     if not ddp.main:
         return {}
-    reached = history[-1].get("train_flops", 1.0)
-    if reached > recipe.budget + _CALIBRATION_GAP:
-        console.print(f"[yellow]warning:[/yellow] the gates reached a FLOPs fraction of {reached:.2f} in training, "
-                      f"far above the budget {recipe.budget:.2f}; calibration will cut what they did not learn to cut "
-                      "and accuracy may drop: train longer or raise budget_weight")
     with console.status("calibrating gate thresholds to the budget"):
-        cal = calibrate(student, calib_loader, recipe.budget)
+        cal = settle(student, calib_loader, recipe)
     result = {"calibration": cal, "eval": evaluate(student, _eval_loader(test, recipe)),
               "teacher_eval": evaluate(teacher, _eval_loader(test, recipe)), "history": history}
     save(student, out, {"budget": recipe.budget, "gates_trained": recipe.gates, "recipe": recipe.to_dict(),
                         "teacher": str(Path(config["dynamize"].get("teacher", run)).resolve()),
-                        "parent": str(Path(run).resolve()), "calibration": cal, "eval": result["eval"],
-                        "teacher_eval": result["teacher_eval"], "provenance": provenance()})
+                        "parent": str(Path(run).resolve()), "splits": inputs.splits.sizes(), "calibration": cal,
+                        "eval": result["eval"], "teacher_eval": result["teacher_eval"], "provenance": provenance()})
     return result
 
 
 def recalibrate(run: Path, budget: float, out: Path, data: str | None = None,
                 data_dir: str | None = None) -> dict:
     """Re-target a fine-tuned run to another budget by moving its gate thresholds; writes a new run."""
-    config = read_config(run)
-    recipe_values = config["dynamize"].get("recipe")
-    if not recipe_values:
-        raise RunError(f"{run} was not fine-tuned (no recipe in config.json); run `dynamize finetune` first")
-    recipe = Recipe(**{**recipe_values, **({"data": data} if data else {}),
-                       **({"data_dir": data_dir} if data_dir else {}), "budget": budget}).validate()
+    checked, recipe, splits = check_calibrate(run, budget, out, data, data_dir)
+    _, calib, test = splits
     model = load(run)
-    _, calib, test = datasets(_spec(recipe), recipe.calib_size, recipe.train_subset, recipe.seed)
-    cal = calibrate(model, loader(calib, 256), budget)
+    cal = settle(model, loader(calib, 256), recipe)
     result = {"calibration": cal, "eval": evaluate(model, _eval_loader(test, recipe))}
-    carried = {k: v for k, v in config["dynamize"].items() if k not in ("version", "plan")}
-    save(model, out, {**carried, "budget": budget,
-                      "recipe": recipe.to_dict(), "parent": str(Path(run).resolve()), "calibration": cal,
-                      "eval": result["eval"], "provenance": provenance()})
+    carried = {k: v for k, v in checked.info.items() if k not in ("version", "plan")}
+    save(model, out, {**carried, "budget": budget, "recipe": recipe.to_dict(), "parent": str(Path(run).resolve()),
+                      "splits": splits.sizes(), "calibration": cal, "eval": result["eval"],
+                      "provenance": provenance()})
     return result

@@ -1,6 +1,6 @@
 """The generic training loop behind `dynamize train` and `dynamize finetune`: progress, metrics, checkpoints,
 resume, DDP. It knows nothing about gates: the caller passes the parameter groups, the task returns its loss and any
-per-image scalars to log, and a task with an `on_step(progress)` method owns its schedule (as timm's loop calls
+per-image scalars to log, and a task with an `on_step(step, total)` method owns its schedule (as timm's loop calls
 `update_ema(step=...)`).
 
 Checkpoints are written every epoch (and every `checkpoint_every` steps) to `checkpoints/last/` by writing a temporary
@@ -13,7 +13,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,6 +143,26 @@ def checkpoint_recipe(out: Path) -> Recipe:
         raise _checkpoint_error(ckpt, e) from None
 
 
+def resume_recipe(out: Path, asked: Recipe, keys: Iterable[str]) -> Recipe:
+    """The recipe `--resume` continues with: the checkpoint's. Values asked for again must be the same.
+
+    Args:
+        out: the run directory being resumed.
+        asked: the recipe built from what was asked for on this command line.
+        keys: the keys the user gave (options, overrides, a recipe file); the others are not compared.
+
+    Raises:
+        RunError: no checkpoint, a damaged one, or a key whose asked value differs from the checkpoint's.
+    """
+    recipe = checkpoint_recipe(out)
+    for key in sorted(keys):
+        then, now = getattr(recipe, key), getattr(asked, key)
+        if then != now:
+            raise RunError(f"{out} was started with {key}={then!r}, not {now!r}; resume with the same values "
+                           "(or leave them out), or start a new run with another -o")
+    return recipe
+
+
 class _StopFlag:
     """Turns Ctrl-C into a request that the loop honours between steps, so the checkpoint is consistent."""
 
@@ -169,7 +189,7 @@ def fit(task: nn.Module, model: nn.Module, train_ds, recipe: Recipe, out: Path, 
 
     Args:
         task: returns a dict with "loss", "output" and any per-image tensors to log (averaged as `train_NAME`)
-            for a batch; if it has `on_step(progress)`, that is called with progress in [0, 1) before each step.
+            for a batch; if it has `on_step(step, total)`, that is called before each step (step counts from 0).
         model: the trainable model inside `task`, for checkpoints.
         train_ds: the training data set.
         recipe: optimiser, schedule, epochs, batch size, seed, checkpoint frequency.
@@ -223,7 +243,7 @@ def fit(task: nn.Module, model: nn.Module, train_ds, recipe: Recipe, out: Path, 
                 if state.step_in_epoch < steps_per_epoch else []
             for images, labels in batches:
                 if on_step is not None:
-                    on_step(state.global_step / total)
+                    on_step(state.global_step, total)
                 result = task(images, labels)
                 loss = result["loss"]
                 if not torch.isfinite(loss):

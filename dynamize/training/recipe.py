@@ -1,19 +1,25 @@
 """Recipes: YAML training configs in `recipes/`, validated on load and overridable with `key=value`.
 
-Values are parsed as YAML scalars (never evaluated as code), and recipe names cannot leave the recipe folder.
+Values are parsed as YAML scalars (never evaluated as code), recipe names cannot leave the recipe folder, and every
+number is checked against the same table of ranges as the CLI options (`dynamize.ranges`).
 """
 import math
 import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
+import timm
 import yaml
+from timm.optim import list_optimizers
 
 from ..errors import DynamizeError
 from ..graph.plan import GATE_KINDS
+from ..ranges import RANGES, check
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"  # package data: dynamize/recipes/*.yaml
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+SCHEDULES = ("cosine", "tanh", "step", "multistep", "poly", "constant")
 
 
 class RecipeError(DynamizeError):
@@ -40,55 +46,43 @@ class Recipe:
     weight_decay: float = 0.05
     task_weight: float = 1.0
     distill_weight: float = 1.0
-    budget_weight: float = 4.0
+    budget_weight: float = 10.0
+    bounds_weight: float = 10.0
+    shaping_weight: float = 1.0
     temperature: float = 2.0
     anneal_fraction: float = 0.3
+    bounds_fraction: float = 0.5
+    noise_final: float = 0.0
+    settle_fraction: float = 0.2
+    bn_images: int = 2000
     gumbel_tau: float = 1.0
     label_smoothing: float = 0.0
     seed: int = 0
     train_subset: int = 0
-    calib_size: int = 2000
+    calib_size: int | None = None  # None: 10% of the training split, at least 100 and at most 2,000 images
     eval_subset: int = 0
     checkpoint_every: int = 0
     workers: int = 1
 
     def validate(self) -> "Recipe":
-        """Check ranges and choices; raise a RecipeError naming the bad key."""
-        check_budget(self.budget, key="budget")
+        """Check ranges (the table in `dynamize.ranges`) and choices; raise an error naming the bad key."""
         if self.gates not in GATE_KINDS:
             raise RecipeError(f"gates must be one of {', '.join(GATE_KINDS)}, not {self.gates!r}")
-        for key in ("epochs", "batch_size", "img_size", "in_chans", "calib_size"):
-            if getattr(self, key) < 1:
-                raise RecipeError(f"{key} must be at least 1, not {getattr(self, key)}")
-        for key in ("lr_backbone", "lr_gates", "weight_decay", "task_weight", "distill_weight", "budget_weight",
-                    "warmup_epochs", "label_smoothing", "train_subset", "eval_subset", "checkpoint_every",
-                    "workers"):
-            value = getattr(self, key)
-            if not math.isfinite(value) or value < 0:
-                raise RecipeError(f"{key} must be a finite number >= 0, not {value}")
-        for key in ("temperature", "gumbel_tau"):
-            if not getattr(self, key) > 0:
-                raise RecipeError(f"{key} must be > 0, not {getattr(self, key)}")
-        if not 0 < self.anneal_fraction <= 1:
-            raise RecipeError(f"anneal_fraction must be in (0, 1], not {self.anneal_fraction}")
+        if self.opt not in list_optimizers():
+            raise RecipeError(f"opt must be an optimizer timm knows (e.g. adamw, sgd), not {self.opt!r}")
+        if self.sched not in SCHEDULES:
+            raise RecipeError(f"sched must be one of {', '.join(SCHEDULES)}, not {self.sched!r}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in RANGES and value is not None:
+                check(f.name, value, f"recipe key {f.name!r}")
         return self
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def check_budget(value, key: str = "--budget") -> float:
-    """A budget is a fraction of the original FLOPs in (0, 1]."""
-    try:
-        budget = float(value)
-    except (TypeError, ValueError):
-        raise RecipeError(f"{key} must be a number in (0, 1], not {value!r}") from None
-    if not (0 < budget <= 1):  # also rejects NaN
-        raise RecipeError(f"{key} must be in (0, 1] (a fraction of the original FLOPs), not {value}")
-    return budget
-
-
-def _typed(key: str, value, kind) -> object:
+def _typed(key: str, value, kind) -> Any:
     """Check one value against the field's type, accepting ints where floats are expected."""
     base = [t for t in getattr(kind, "__args__", (kind,)) if t is not type(None)][0]
     if value is None and type(None) in getattr(kind, "__args__", ()):
@@ -121,13 +115,8 @@ def recipe_path(name_or_path: str) -> Path:
     return path
 
 
-def load_recipe(name_or_path: str | Path | None = None, overrides: list[str] | None = None,
-                **values) -> Recipe:
-    """Load a recipe, apply `key=value` overrides and explicit values, and validate.
-
-    Raises:
-        RecipeError: unknown recipe, unreadable YAML, unknown keys, wrong types or out-of-range values.
-    """
+def _merged(name_or_path: str | Path | None, overrides: list[str] | None, values: dict) -> dict:
+    """The raw key -> value mapping of a recipe file, then `key=value` overrides, then explicit values."""
     data = {}
     if name_or_path is not None:
         path = recipe_path(str(name_or_path))
@@ -139,17 +128,66 @@ def load_recipe(name_or_path: str | Path | None = None, overrides: list[str] | N
             raise RecipeError(f"recipe {path} must be a mapping of keys to values")
     for item in overrides or []:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise RecipeError(f"override {item!r} must look like key=value")
         try:
             data[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             data[key.strip()] = raw
     data.update({k: v for k, v in values.items() if v is not None})
+    return data
+
+
+def load_recipe(name_or_path: str | Path | None = None, overrides: list[str] | None = None,
+                **values) -> Recipe:
+    """Load a recipe, apply `key=value` overrides and explicit values (None: not given), and validate.
+
+    Raises:
+        RecipeError / RangeError: unknown recipe, unreadable YAML, unknown keys, wrong types or out-of-range values.
+    """
+    data = _merged(name_or_path, overrides, values)
     known = {f.name: f.type for f in fields(Recipe)}
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise RecipeError(f"unknown recipe key {unknown[0]!r}; known keys: {', '.join(known)}")
-    hints = {f.name: f for f in fields(Recipe)}
-    typed = {k: _typed(k, v, hints[k].type) for k, v in data.items()}
-    return Recipe(**typed).validate()
+    return Recipe(**{k: _typed(k, v, known[k]) for k, v in data.items()}).validate()
+
+
+def given_keys(name_or_path: str | Path | None = None, overrides: list[str] | None = None, **values) -> set[str]:
+    """The keys that a recipe file, overrides and explicit values (None: not given) set: what a user asked for."""
+    return set(_merged(name_or_path, overrides, values))
+
+
+# timm modules of depthwise-separable mobile nets: they fine-tune alike (see recipes/fashion-mnist-mobilenet.yaml).
+_MOBILE_MODULES = {"efficientnet", "mobilenetv3", "mobilenetv5", "ghostnet", "rexnet", "hardcorenas", "fbnetv3",
+                   "tinynet", "mnasnet"}
+
+
+def _family(architecture: str) -> str | None:
+    """The training family of an architecture: "mobile" for depthwise-separable mobile nets, else timm's module
+    (resnet, regnet, ...). The models of one family train alike."""
+    module = next((m for m in timm.list_modules() if architecture in timm.list_models(module=m)), None)
+    return "mobile" if module in _MOBILE_MODULES else module
+
+
+def default_recipe(architecture: str, img_size: int, data: str | None = None, folder: Path = RECIPE_DIR) -> Path:
+    """The recipe in `folder` that fits a run best: the same data set first, then the same family (ResNets,
+    mobile nets, ...), then a mobile recipe only for a mobile net, then the closest input size.
+
+    Args:
+        architecture: the run's timm architecture.
+        img_size: the input size the run is planned at.
+        data: the run's data set, if known.
+    """
+    family = _family(architecture)
+
+    def fit(path: Path) -> tuple:
+        r = load_recipe(path)
+        theirs = _family(r.model)
+        return (data is not None and r.data == data, theirs == family, (theirs == "mobile") == (family == "mobile"),
+                -abs(math.log(r.img_size / img_size)), path.stem)
+
+    recipes = sorted(folder.glob("*.yaml"))
+    if not recipes:
+        raise RecipeError(f"no recipes in {folder}; reinstall dynamize or pass --recipe PATH")
+    return max(recipes, key=fit)

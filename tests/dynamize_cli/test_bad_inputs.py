@@ -63,6 +63,10 @@ def world(tiny_runs, tmp_path_factory):
     damaged = bad / "damaged-resume"
     shutil.copytree(root / "ft", damaged)
     (damaged / "checkpoints" / "last" / "state.json").write_text("{")
+    shutil.copytree(root / "ft", bad / "resumable")
+    shutil.copytree(root / "teacher", bad / "teacher-resumable")
+    make_image_folder(bad / "four-classes", classes=4, per_class=4)
+    assert run([*CONVERT, "-o", str(bad / "random-head")]) == 0
     return root, data, bad
 
 
@@ -107,6 +111,20 @@ CASES = {
     "data with one class": (["finetune", "{conv}", "--budget", "0.5", "--data", "{bad}/one-class"], "class"),
     "data with a corrupt image": (["finetune", "{conv}", "--budget", "0.5", "--data", "{bad}/corrupt-image"],
                                   "cannot read image"),
+    "data with other classes than the model": (["finetune", "{conv}", "--budget", "0.5", "--data",
+                                                "{bad}/four-classes"], "dynamize train test_resnet --checkpoint"),
+    "teacher whose classifier was never trained": (["finetune", "{bad}/random-head", "--budget", "0.5", "--data",
+                                                    "{data}"], "never trained"),
+    "budget below what the gates reach": (["finetune", "{conv}", "--budget", "0.01", "--data", "{data}"],
+                                          "smallest FLOPs fraction"),
+    "budget below what layer gates reach": (["finetune", "{conv}", "--budget", "0.3", "--gates", "layer",
+                                             "--data", "{data}"], "every layer gate closed"),
+    "calibrate below what the gates reach": (["calibrate", "{ft}", "--budget", "0.01"], "smallest FLOPs fraction"),
+    "input channels other than the run's": (["finetune", "{conv}", "--budget", "0.5", "--set", "in_chans=1"],
+                                            "in_chans"),
+    "class count of zero": ([*CONVERT[:4], "0"], "--num-classes"),
+    "negative class count": ([*CONVERT[:4], "-3"], "--num-classes"),
+    "input size of zero": ([*CONVERT, "--img-size", "0"], "--img-size"),
     "output is a file": ([*CONVERT, "-o", "{bad}/file"], "not a directory"),
     "output on a read-only place": ([*CONVERT, "-o", "/proc/dynamize-run"], "cannot write"),
     "resume without a checkpoint": (["finetune", "{conv}", "--budget", "0.5", "--data", "{data}", "-o", "{bad}/new",
@@ -114,6 +132,15 @@ CASES = {
     "resume from a damaged checkpoint": (["finetune", "{conv}", "--budget", "0.5", "--data", "{data}",
                                           "-o", "{bad}/damaged-resume", "--resume"], "damaged"),
     "calibrate a run that was not fine-tuned": (["calibrate", "{conv}", "--budget", "0.5"], "not fine-tuned"),
+    "resume with another budget": (["finetune", "{conv}", "--budget", "0.5", "--data", "{data}",
+                                    "-o", "{bad}/resumable", "--resume"], "budget=0.6, not 0.5"),
+    "resume with another override": (["finetune", "{conv}", "--budget", "0.6", "--data", "{data}",
+                                      "-o", "{bad}/resumable", "--resume", "--set", "epochs=4"], "epochs=1, not 4"),
+    "resume a train run with another value": (["train", "test_resnet", "--data", "{data}", "-o",
+                                               "{bad}/teacher-resumable", "--resume", "--set", "batch_size=4"],
+                                              "batch_size=8, not 4"),
+    "output holds a run, no --resume": (["finetune", "{conv}", "--budget", "0.6", "--data", "{data}",
+                                         "-o", "{bad}/resumable"], "--resume"),
 }
 
 

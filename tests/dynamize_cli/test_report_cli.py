@@ -2,8 +2,10 @@
 import json
 
 import pytest
+import timm
 from helpers import make_image_folder, make_runs
 
+import dynamize
 from dynamize_cli.main import run
 
 
@@ -74,3 +76,12 @@ def test_latency_is_measured_when_asked(runs, tmp_path):
     latency = json.loads((out / "report.json").read_text())["runs"][0]["latency"]
     assert [r["batch_size"] for r in latency] == [1, 32]
     assert all(r["dense_ms"] > 0 and r["dynamic_ms"] > 0 and 0 < r["fraction"] <= 1.1 for r in latency)
+
+
+@pytest.mark.parametrize("kinds", ["layer", "channel"])
+def test_a_one_kind_run_is_labelled_with_the_gates_it_trained(kinds, tmp_path):
+    net = dynamize.convert(timm.create_model("test_resnet", num_classes=3), img_size=32)
+    run_dir = dynamize.save(net, tmp_path / "run", extra={"gates_trained": kinds, "budget": 0.5})
+    assert run(["report", str(run_dir), "--static", "-o", str(tmp_path / "rep")]) == 0
+    assert json.loads((tmp_path / "rep" / "report.json").read_text())["runs"][0]["gates"] == kinds
+    assert f"gates {kinds}," in (tmp_path / "rep" / "report.md").read_text()

@@ -1,5 +1,6 @@
 """`dynamize train` -> `convert DIR` -> `finetune` -> `calibrate` through the CLI on a tiny folder data set."""
 import json
+import shutil
 
 from dynamize_cli.main import run
 
@@ -20,3 +21,23 @@ def test_calibrate_writes_a_new_run(tiny_runs):
     assert run(["calibrate", str(root / "ft"), "--budget", "0.8", "-o", str(root / "cal")]) == 0
     config = json.loads((root / "cal" / "config.json").read_text())
     assert config["dynamize"]["budget"] == 0.8 and config["dynamize"]["parent"].endswith("ft")
+
+
+def test_resume_with_the_same_values_continues_quietly(tiny_runs, tmp_path, capsys):
+    root, data = tiny_runs
+    shutil.copytree(root / "ft", tmp_path / "ft")
+    argv = ["finetune", str(root / "conv"), "--budget", "0.6", "-o", str(tmp_path / "ft"), "--resume"]
+    assert run([*argv, "--set", "epochs=1", "--data", str(data)]) == 0  # the values it was started with
+    assert "was started with" not in capsys.readouterr().err
+    assert len((tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()) == 1  # nothing left to train
+    assert run([*argv, "--set", "epochs=2"]) == 2
+    assert "epochs=1, not 2" in capsys.readouterr().err
+
+
+def test_train_takes_overrides_with_set_and_trailing(tiny_runs, tmp_path):
+    _, data = tiny_runs
+    out = tmp_path / "t"
+    assert run(["train", "test_resnet", "--data", str(data), "-o", str(out), "--set", "epochs=2", "--set",
+                "batch_size=16", "img_size=32", "in_chans=3", "calib_size=6", "workers=0"]) == 0
+    recipe = json.loads((out / "config.json").read_text())["dynamize"]["recipe"]
+    assert (recipe["epochs"], recipe["batch_size"], recipe["img_size"]) == (2, 16, 32)

@@ -3,6 +3,9 @@ import pytest
 import timm
 import torch
 from helpers import ARCHS, NOT_GATEABLE, randomize
+from test_find import Basic
+from timm.layers import SpaceToDepth
+from torch import nn
 
 import dynamize
 from dynamize.errors import ModelError
@@ -16,11 +19,27 @@ NO_CHANNEL_GATE = {
     "resnext50_32x4d": "every 1x1 conv feeds a grouped conv or the residual add",
     "regnetx_002": "every 1x1 conv feeds a grouped conv or the residual add",
     "regnety_002": "every 1x1 conv feeds a grouped conv or the residual add",
+    "regnetz_005": "every 1x1 conv feeds a grouped conv or the residual add",
+    "skresnet18": "selective-kernel paths are stacked and re-weighted; the other convs feed the residual add",
+    "nf_resnet26": "weight-standardised convolutions (ScaledStdConv2d): their stored weights cannot be sliced",
     "mixnet_s": "mixed kernels split channels between convolutions",
     "ghostnet_100": "ghost modules concatenate, the rest feeds residual adds",
+    "ghostnetv2_100": "ghost modules concatenate, the rest feeds residual adds",
+    "repghostnet_058": "every conv feeds a grouped conv or a residual add",
     "repvgg_a0": "every conv feeds a branch sum",
     "res2net50_14w_8s": "hierarchical splits consume every 1x1 conv output",
+    "hgnetv2_b0": "the convs feed concats and residual adds",
+    "convnextv2_atto": "the MLP's global response norm mixes its channels; the rest feeds residual adds",
 }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a busy machine two threads per process are many times slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.slow
@@ -82,3 +101,43 @@ def test_unknown_name_suggests_close_ones():
 def test_vision_transformer_is_refused():
     with pytest.raises(ModelError, match="not a convolutional network"):
         dynamize.convert("vit_tiny_patch16_224", img_size=224)
+
+
+class SpaceToDepthNet(nn.Module):
+    """TResNet's stem: space-to-depth turns 3 channels into 48, so the first convolution's 48 inputs mislead."""
+
+    def __init__(self):
+        super().__init__()
+        self.pretrained_cfg = {"architecture": "s2d", "input_size": (3, 64, 64)}
+        self.stem = nn.Sequential(SpaceToDepth(4), nn.Conv2d(48, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.block = Basic()
+
+    def forward(self, x):
+        return self.block(self.stem(x)).mean((2, 3))
+
+
+def test_space_to_depth_stem_is_traced_at_its_real_input_channels(capfd):
+    plan = dynamize.plan_model(SpaceToDepthNet().eval(), img_size=32)
+    assert plan.input_size == [3, 32, 32] and [b.unit for b in plan.blocks] == ["block"]
+    assert capfd.readouterr().err == ""  # the channel counts that do not run leave no traceback behind
+
+
+def test_nothing_to_gate_names_the_reasons():
+    with pytest.raises(ModelError, match="nothing dynamize can gate with --gates both: no residual adds; .*GroupNorm"):
+        dynamize.convert("test_efficientnet_gn", img_size=32)
+
+
+def test_too_small_input_names_the_fix(capfd):
+    with pytest.raises(ModelError, match="does not run at input size .*; pass a larger --img-size"):
+        dynamize.convert("test_convnext", img_size=2)
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_norm_free_blocks_get_layer_gates():
+    base = randomize(timm.create_model("test_nfnet", num_classes=3)).eval()
+    net = dynamize.convert(base, img_size=32).eval()
+    assert net.plan.blocks and all(u.original_type == "NormFreeBlock" for _, u in net.units())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = base(x)
+        assert (net(x) - ref).abs().max() <= 1e-5 * ref.abs().max()

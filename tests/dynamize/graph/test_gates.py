@@ -60,3 +60,23 @@ def test_training_decisions_are_hard_with_gradients():
     assert set(gate.last_keep.detach().unique().tolist()) <= {0.0, 1.0}
     out.sum().backward()
     assert gate.mlp[-1].weight.grad is not None and gate.mlp[-1].weight.grad.abs().sum() > 0
+
+
+def test_a_group_without_a_shortcut_never_loses_all_of_its_channels():
+    net = convert(randomize(timm.create_model("test_efficientnet", num_classes=5)), img_size=64).eval()
+    unguarded = [g for g in net.plan.groups if g.min_keep]
+    assert unguarded and all(g.block is None and g.min_keep >= max(1, g.channels // 4) for g in unguarded)
+    assert all(g.min_keep == 0 for g in net.plan.groups if g.block is not None)  # a shortcut carries the signal
+    for _, _, gate in net.gates():
+        gate.threshold.fill_(100.0)  # far above any logit: every gate closed
+    x = torch.randn(3, 3, 64, 64)
+    net.train()
+    net(x)  # training decisions keep the minimum too
+    kept_train = {g.name: net.channel_gate(g.name).last_keep.detach().sum(1) for g in unguarded}
+    net.eval()
+    with torch.no_grad():
+        out = net(x)
+    for g in unguarded:
+        assert (net.channel_gate(g.name).last_keep.sum(1) == g.min_keep).all()
+        assert (kept_train[g.name] == g.min_keep).all()
+    assert out.std() > 0  # the signal still reaches the head

@@ -16,12 +16,12 @@ def exact_counts(monkeypatch, request):
         monkeypatch.setattr(decide_module, "CHANNEL_BUCKET", 1)
 
 
-def _decide(forced, mode="auto", macs=1e6, gather=1.0, area=16):
+def _decide(forced, mode="auto", macs=1e6, gather=1.0, side=16):
     gate = Gate(4, C, 8)
     gate.forced = torch.tensor(forced, dtype=torch.float32)
-    decide = Decide(gate, axis=1, macs=macs, area=area, gather=gather, mode=mode)
+    decide = Decide(gate, axis=1, macs=macs, area=side * side, gather=gather, mode=mode)
     n = len(forced)
-    return decide(torch.randn(n, 4), torch.randn(n, 4, 4, 4))
+    return decide(torch.randn(n, 4), torch.randn(n, 4, side, side))
 
 
 def test_every_channel_kept_runs_full_width():
@@ -51,6 +51,7 @@ def test_a_group_that_drops_everything_still_runs_one_channel_at_zero():
 def test_cost_model_picks_by_batch_disagreement_and_map_size():
     disagree = [[1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1]]
     assert _decide(disagree).per_image  # the union is every channel; per image halves the work
+    assert _decide(disagree, side=2).idx is None  # ... but batch-1 convolutions on a tiny map are too slow
     agree = [[1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0]]
     assert not _decide(agree).per_image and _decide(agree).idx.tolist() == [[0, 1]]
     # Gathering the weights costs more than the dropped channels save (a tiny map): run every channel.

@@ -1,4 +1,6 @@
-"""The generic training loop on a tiny model and data set: resume, Ctrl-C, NaN, DDP."""
+"""The generic training loop on a tiny model and data set: resume, Ctrl-C, NaN, DDP, plain progress lines."""
+import io
+import json
 import os
 import signal
 
@@ -6,11 +8,14 @@ import pytest
 import timm
 import torch
 import torch.multiprocessing as mp
+from helpers import make_image_folder
+from rich.console import Console
 from safetensors.torch import load_file, save_file
 from timm.task import ClassificationTask
 
+from dynamize.errors import RunError
 from dynamize.training.data import DataSpec, datasets
-from dynamize.training.loop import Distributed, Interrupted, TrainingError, fit
+from dynamize.training.loop import Distributed, Interrupted, TrainingError, fit, resume_recipe
 from dynamize.training.recipe import load_recipe
 
 SIZE = 32
@@ -26,12 +31,12 @@ def _recipe(folder, **kw):
 class _Interrupting(ClassificationTask):
     """A task that presses Ctrl-C before a given step, through the loop's step hook."""
 
-    def __init__(self, model, at, total):
+    def __init__(self, model, at):
         super().__init__(model, verbose=False)
-        self.at, self.total = at, total
+        self.at = at
 
-    def on_step(self, progress):
-        if self.at is not None and round(progress * self.total) == self.at:
+    def on_step(self, step, total):
+        if self.at is not None and step == self.at:
             os.kill(os.getpid(), signal.SIGINT)
 
 
@@ -39,19 +44,34 @@ def _groups(model):
     return [{"params": list(model.parameters()), "lr": 1e-3, "weight_decay": 0.0}]
 
 
-def _train_plain(folder, out, interrupt_at=None, resume=False):
+def _train_plain(folder, out, interrupt_at=None, resume=False, console=None):
     recipe = _recipe(folder, checkpoint_every=2)
     train, _, _ = datasets(DataSpec(recipe.data, None, SIZE, 3), recipe.calib_size)
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", num_classes=3)
 
-    fit(_Interrupting(model, interrupt_at, recipe.epochs * (len(train) // recipe.batch_size)), model, train, recipe,
-        out, _groups(model), resume=resume)
+    fit(_Interrupting(model, interrupt_at), model, train, recipe, out, _groups(model), resume=resume, console=console)
     return model.state_dict()
 
 
-def test_resume_after_interrupt_matches_uninterrupted_run(image_folder, tmp_path):
-    reference = _train_plain(image_folder, tmp_path / "a")
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """A folder data set and an uninterrupted run on it (weights, run directory), the reference of resumed runs."""
+    root = tmp_path_factory.mktemp("loop")
+    folder = make_image_folder(root / "data")
+    return folder, _train_plain(folder, root / "ref"), root / "ref"
+
+
+def test_resume_after_interrupt_matches_uninterrupted_run(uninterrupted, tmp_path):
+    image_folder, reference, _ = uninterrupted
     with pytest.raises(Interrupted, match="resume"):
         _train_plain(image_folder, tmp_path / "b", interrupt_at=3)
     assert (tmp_path / "b" / "checkpoints" / "last" / "model.safetensors").is_file()
@@ -59,6 +79,49 @@ def test_resume_after_interrupt_matches_uninterrupted_run(image_folder, tmp_path
     assert all(torch.allclose(reference[k].float(), resumed[k].float(), atol=1e-6) for k in reference)
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2
+
+
+def test_ctrl_c_on_the_last_step_of_an_epoch_resumes_into_the_next(uninterrupted, tmp_path):
+    image_folder, reference, ref_dir = uninterrupted
+    steps = (36 - 6) // 8  # images in train/ minus the calibration split, per batch
+    with pytest.raises(Interrupted):
+        _train_plain(image_folder, tmp_path / "b", interrupt_at=steps - 1)  # the flag is honoured after the step
+    assert not (tmp_path / "b" / "metrics.jsonl").read_text()  # the epoch's metrics are not written yet
+    resumed = _train_plain(image_folder, tmp_path / "b", resume=True)
+    assert _same(reference, resumed)
+    ref, res = _metrics(ref_dir), _metrics(tmp_path / "b")
+    assert [r["epoch"] for r in res] == [1, 2]
+    for key in ("train_loss", "train_top1", "step"):
+        assert [r[key] for r in res] == pytest.approx([r[key] for r in ref])
+
+
+def test_resume_finds_a_checkpoint_left_between_two_renames(uninterrupted, tmp_path):
+    image_folder, reference, _ = uninterrupted
+    with pytest.raises(Interrupted):
+        _train_plain(image_folder, tmp_path / "b", interrupt_at=3)
+    ckpt = tmp_path / "b" / "checkpoints"
+    (ckpt / "last").rename(ckpt / f".last.old-{os.getpid() + 1}")  # killed after the first rename of a checkpoint
+    assert _same(reference, _train_plain(image_folder, tmp_path / "b", resume=True))
+    assert sorted(p.name for p in ckpt.iterdir()) == ["last"]
+
+
+def test_resume_refuses_a_changed_value_and_accepts_the_same(image_folder, tmp_path):
+    with pytest.raises(Interrupted):
+        _train_plain(image_folder, tmp_path / "b", interrupt_at=1)
+    started = _recipe(image_folder, checkpoint_every=2)
+    assert resume_recipe(tmp_path / "b", _recipe(image_folder, epochs=5), {"batch_size"}) == started
+    with pytest.raises(RunError, match="epochs=2, not 5"):
+        resume_recipe(tmp_path / "b", _recipe(image_folder, epochs=5), {"epochs", "batch_size"})
+
+
+def test_without_a_terminal_each_epoch_is_one_plain_line_with_every_metric(image_folder, tmp_path):
+    text = io.StringIO()
+    _train_plain(image_folder, tmp_path / "a", console=Console(file=text, width=40, force_terminal=False))
+    lines = text.getvalue().splitlines()
+    assert len(lines) == 2  # one per epoch, not cut at the console width
+    for line, row in zip(lines, _metrics(tmp_path / "a")):
+        assert set(row) == {item.partition("=")[0] for item in line.split()}
+        assert "…" not in line and "\x1b" not in line
 
 
 def _ddp_worker(rank, world, folder, out, port):

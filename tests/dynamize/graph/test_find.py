@@ -1,0 +1,181 @@
+"""Residual blocks and channel groups found in small hand-written models."""
+import torch
+from timm.layers import StdConv2d
+from torch import nn
+
+from dynamize.graph.find import Graph, find_blocks, find_groups, owner
+from dynamize.graph.trace import trace
+
+C = 8
+
+
+def conv_bn(cin: int = C, cout: int = C, k: int = 3, conv=nn.Conv2d) -> nn.Sequential:
+    return nn.Sequential(conv(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout))
+
+
+class Basic(nn.Module):
+    """`x + F(x)`, F = conv-bn-relu-conv-bn, with an optional 1x1 projection as the shortcut."""
+
+    def __init__(self, cin: int = C, project: bool = False):
+        super().__init__()
+        self.f1, self.f2 = conv_bn(cin, C), conv_bn()
+        self.proj = conv_bn(cin, C, 1) if project else nn.Identity()
+
+    def forward(self, x):
+        return self.proj(x) + self.f2(torch.relu(self.f1(x)))
+
+
+class BranchSum(nn.Module):
+    """RepVGG-style: a 3x3 and a 1x1 branch summed, no identity path."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = conv_bn(k=3), conv_bn(k=1)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+class Nested(nn.Module):
+    """A residual block whose branch holds another residual block."""
+
+    def __init__(self):
+        super().__init__()
+        self.pre, self.inner, self.post = conv_bn(), Basic(), conv_bn()
+
+    def forward(self, x):
+        return x + self.post(self.inner(self.pre(x)))
+
+
+class Asserting(nn.Module):
+    """A branch that asserts on a shape (selective-kernel nets): the assert has no users but belongs to the branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.f1, self.f2 = conv_bn(), conv_bn()
+
+    def forward(self, x):
+        y = self.f1(x)
+        torch._assert(y.shape[1] == C, "channels")
+        return x + self.f2(torch.relu(y))
+
+
+class DualPath(nn.Module):
+    """DPN-style: the branch output is split between a residual sum and a dense concat."""
+
+    def __init__(self):
+        super().__init__()
+        self.f = conv_bn(C, C + 4)
+
+    def forward(self, x):
+        y = self.f(x)
+        return torch.cat([x + y[:, :C], y[:, C:]], dim=1)
+
+
+def analyse(module: nn.Module, size=(C, 16, 16)):
+    g = Graph(trace(module.eval(), size))
+    blocks, skipped = find_blocks(g)
+    return g, blocks, skipped
+
+
+def names(nodes) -> set[str]:
+    return {n.name for n in nodes}
+
+
+def test_plain_add_is_a_block_with_identity_shortcut():
+    g, blocks, skipped = analyse(nn.Sequential(Basic(), Basic()))
+    assert len(blocks) == 2 and not skipped
+    first = blocks[0]
+    assert first.fork.op == "placeholder" and first.shortcut.args == (first.fork,)  # the Identity projection
+    assert g.count_convs(first.region) == 2 and first.add not in first.region and first.out in first.region
+    assert blocks[1].fork is blocks[0].add  # the second block reads the first one's output
+
+
+def test_projection_shortcut_stays_outside_the_branch():
+    g, (block,), _ = analyse(Basic(cin=4, project=True), size=(4, 16, 16))
+    assert g.count_convs(block.region) == 2
+    assert block.shortcut.target == "proj.1" and block.shortcut not in block.region
+
+
+def test_branch_sum_is_rejected_with_the_reason():
+    _, blocks, skipped = analyse(BranchSum())
+    assert not blocks
+    assert [(s.kind, s.reason) for s in skipped] == [("block", "a sum of branches, not `shortcut(x) + F(x)`")]
+
+
+def test_nested_block_keeps_the_inner_one():
+    _, blocks, skipped = analyse(Nested())
+    assert [owner(b.add) for b in blocks] == ["inner"]
+    assert [(s.where, s.reason) for s in skipped] == [("add_1", "nested inside another residual block")]
+
+
+def test_side_nodes_of_the_branch_belong_to_it():
+    _, (block,), skipped = analyse(Asserting())
+    assert not skipped
+    assert any(n.target is torch._assert for n in block.region)
+
+
+def test_dual_path_add_names_the_reason():
+    _, blocks, skipped = analyse(DualPath())
+    assert not blocks and "dual-path" in skipped[0].reason
+
+
+def test_channel_group_inside_a_block():
+    g, blocks, _ = analyse(Basic())
+    groups, skipped = find_groups(g, blocks)
+    (group,) = groups
+    assert group.producer.target == "f1.0" and names(group.sinks) == {"f2_0"} and group.block is blocks[0]
+    assert group.end.name == "relu"  # the gate scales after the activation
+    assert [s.reason for s in skipped] == ["feeds a residual add"]  # f2 feeds the add
+
+
+def test_weight_standardised_sink_is_not_grouped():
+    model = nn.Sequential(conv_bn(), nn.ReLU(), conv_bn(conv=StdConv2d))
+    g, blocks, _ = analyse(model)
+    groups, skipped = find_groups(g, blocks)
+    assert not groups
+    assert "StdConv2d, whose weights are not sliceable" in skipped[0].reason
+
+
+class ChannelMean(nn.Module):
+    """Divides by the mean over channels between two convs (ConvNeXt-V2's global response norm does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = conv_bn(), conv_bn()
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        return self.b(y / y.mean(1, keepdim=True))
+
+
+def test_a_mean_over_channels_mixes_them():
+    g, blocks, _ = analyse(ChannelMean())
+    groups, skipped = find_groups(g, blocks)
+    assert not groups and skipped[0].reason == "feeds `mean`, which mixes channels"
+
+
+class InPlace(nn.Module):
+    """Scales the branch output in place (NF nets' skipinit gain), or with `other`, another value in place."""
+
+    def __init__(self, other: bool = False):
+        super().__init__()
+        self.other = other
+        self.f1, self.f2 = conv_bn(), conv_bn()
+        self.gain = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x):
+        y = self.f1(x)
+        z = self.f2(torch.relu(y))
+        if self.other:
+            y.add_(z)
+        else:
+            z.mul_(self.gain)
+        return x + z
+
+
+def test_an_in_place_update_belongs_to_the_value_it_changes():
+    _, (block,), _ = analyse(InPlace())
+    assert any(n.target == "mul_" for n in block.region)
+    _, blocks, _ = analyse(InPlace(other=True))  # y.add_(z) reads the branch output but changes y
+    assert not blocks

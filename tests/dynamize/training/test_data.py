@@ -1,0 +1,78 @@
+"""Data splits: training, calibration and evaluation are disjoint; an image folder is never evaluated on its training
+images; default split sizes follow the size of the training split."""
+import pytest
+from helpers import make_image_folder
+
+from dynamize.training.data import DataError, DataSpec, HeldOut, datasets, eval_dataset, num_classes, split_size
+
+
+def _files(ds) -> set[str]:
+    """The image files behind a split (Subsets of the wrapped timm dataset, or the wrapped dataset itself)."""
+    indices = ds.indices if hasattr(ds, "indices") else range(len(ds))
+    inner = ds.dataset if hasattr(ds, "indices") else ds
+    return {str(inner.ds.filename(i, absolute=True)) for i in indices}
+
+
+def _spec(root):
+    return DataSpec(str(root), None, 32, 3)
+
+
+def test_folder_without_eval_split_holds_out_training_images(tmp_path):
+    root = make_image_folder(tmp_path / "d", per_class=20, splits=("train",))
+    train, calib, evaluation = datasets(_spec(root), calib_size=5)
+    assert isinstance(evaluation, HeldOut)
+    files = [_files(s) for s in (train, calib, evaluation)]
+    assert len(files[1]) == 5 and len(files[2]) == split_size(60) == 15
+    assert not files[0] & files[1] and not files[0] & files[2] and not files[1] & files[2]
+    assert len(files[0] | files[1] | files[2]) == 60
+    # The same held-out images whatever the seed, and for the report too.
+    assert _files(datasets(_spec(root), calib_size=5, seed=7).evaluation) == files[2]
+    assert _files(eval_dataset(_spec(root))) == files[2]
+    assert "held out from train/" in datasets(_spec(root), calib_size=5).describe()
+
+
+@pytest.mark.parametrize("splits, used", [(("train", "test"), "test"), (("train", "val", "test"), "val"),
+                                          (("train", "validation"), "validation")])
+def test_folder_with_eval_split_uses_it_alone(tmp_path, splits, used):
+    root = make_image_folder(tmp_path / "d", per_class=4, splits=splits)
+    evaluation = eval_dataset(_spec(root))
+    assert not isinstance(evaluation, HeldOut)
+    assert {f.split("/")[-3] for f in _files(evaluation)} == {used}
+    assert len(evaluation) == 12
+    train, calib, _ = datasets(_spec(root), calib_size=2)
+    assert {f.split("/")[-3] for f in _files(train) | _files(calib)} == {"train"}
+
+
+def test_eval_folder_missing_a_class_keeps_the_training_labels(tmp_path):
+    root = make_image_folder(tmp_path / "d", classes=3, per_class=4)
+    for f in (root / "val" / "class1").iterdir():
+        f.unlink()
+    (root / "val" / "class1").rmdir()
+    evaluation = eval_dataset(_spec(root))
+    labels = {evaluation[i][1] for i in range(len(evaluation))}
+    assert labels == {0, 2} and num_classes(evaluation) == 3
+
+
+def test_eval_class_unknown_to_training_is_refused(tmp_path):
+    root = make_image_folder(tmp_path / "d", classes=3, per_class=2)
+    (root / "val" / "class2").rename(root / "val" / "other")
+    with pytest.raises(DataError, match="other"):
+        datasets(_spec(root))
+
+
+@pytest.mark.parametrize("n, size", [(1437, 144), (600, 100), (60_000, 2000), (200, 50), (36, 9), (3, 1)])
+def test_default_split_size(n, size):
+    assert split_size(n) == size
+
+
+def test_default_calibration_split_fits_a_small_folder(tmp_path):
+    root = make_image_folder(tmp_path / "d", per_class=20)  # 60 training images: below the 2,000 of old
+    splits = datasets(_spec(root))
+    assert splits.sizes() == {"train": 45, "calib": 15, "eval": 60}
+    assert splits.describe() == "data: 45 training, 15 calibration and 60 evaluation images"
+
+
+def test_calibration_larger_than_the_training_split_names_the_fix(tmp_path):
+    root = make_image_folder(tmp_path / "d", per_class=2)
+    with pytest.raises(DataError, match="leave it unset"):
+        datasets(_spec(root), calib_size=100)

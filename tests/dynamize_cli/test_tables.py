@@ -1,0 +1,24 @@
+"""The result table says how much the compute depends on the image, and says it plainly when it hardly does."""
+from rich.console import Console
+
+from dynamize_cli.tables import print_result
+
+
+def _result(spread: float, static: bool) -> dict:
+    adaptivity = {"p5": 0.40, "p50": 0.5, "p95": 0.40 + spread, "spread": spread, "patterns": 3,
+                  "pattern_entropy_bits": 1.2, "nearly_static": static}
+    return {"eval": {"top1": 90.0, "top5": 99.0, "n": 100, "flops_mean": 0.5, "adaptivity": adaptivity},
+            "teacher_eval": {"top1": 91.0, "top5": 99.5}}
+
+
+def test_adaptive_run_shows_its_spread_without_warning():
+    console = Console(record=True, width=200)
+    print_result(console, "t", _result(0.12, False), 0.5)
+    text = console.export_text()
+    assert "p95 - p5 = 0.120" in text and "3 distinct decision patterns" in text and "nearly static" not in text
+
+
+def test_static_run_is_told_so():
+    console = Console(record=True, width=200)
+    print_result(console, "t", _result(0.01, True), 0.5)
+    assert "nearly static" in console.export_text()
