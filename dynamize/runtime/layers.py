@@ -124,25 +124,28 @@ class SlicedLayer(nn.Module):
         """
         n = x.shape[0]
         if isinstance(self.layer, nn.Linear):
-            y = torch.matmul(x.reshape(n, -1, x.shape[-1]), w.transpose(1, 2))
-            if bias is not None:
-                y = y + bias.reshape(bias.shape[0] if bias.dim() > 1 else 1, 1, -1)
-            return y.reshape(*x.shape[:-1], -1)
+            return _matmul_rows(x.reshape(n, -1, x.shape[-1]), w, bias).reshape(*x.shape[:-1], -1)
         h, wd = x.shape[2:]
         if channels_last:
-            xs = x.permute(0, 2, 3, 1)
-            if w.shape[0] == 1 and xs.is_contiguous():
-                y = xs.reshape(-1, xs.shape[-1]) @ w[0].t()
-            else:
-                y = torch.matmul(xs.reshape(n, -1, xs.shape[-1]), w.transpose(1, 2))
-            if bias is not None:
-                y = y + bias.reshape(-1) if bias.dim() == 1 or bias.shape[0] == 1 else y + bias.reshape(n, 1, -1)
+            y = _matmul_rows(x.permute(0, 2, 3, 1).reshape(n, h * wd, -1), w, bias)
             return y.reshape(n, h, wd, -1).permute(0, 3, 1, 2)
         xs = x.reshape(n, x.shape[1], -1) if x.is_contiguous() else x.permute(0, 2, 3, 1).reshape(n, h * wd, -1).mT
-        y = torch.matmul(w, xs)
-        if bias is not None:
-            y = y + bias.reshape(bias.shape[0] if bias.dim() > 1 else 1, -1, 1)
+        if bias is None:
+            y = torch.matmul(w, xs)
+        else:  # the bias added by the product itself: one pass over the output less
+            y = torch.baddbmm(bias.reshape(-1, bias.shape[-1], 1), w.expand(n, -1, -1), xs)
         return y.reshape(n, -1, h, wd)
+
+
+def _matmul_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """[N, P, Ki] x [G, Ko, Ki]^T + bias ([Ko], or [G, Ko]): [N, P, Ko]; one matrix product when G = 1."""
+    n, p, ki = x.shape
+    if w.shape[0] == 1 and (bias is None or bias.dim() == 1 or bias.shape[0] == 1) and x.is_contiguous():
+        x2, wt = x.reshape(n * p, ki), w[0].t()
+        y = x2 @ wt if bias is None else torch.addmm(bias.reshape(1, -1), x2, wt)
+        return y.reshape(n, p, -1)
+    wt = w.transpose(1, 2).expand(n, -1, -1)
+    return torch.bmm(x, wt) if bias is None else torch.baddbmm(bias.reshape(-1, 1, bias.shape[-1]), x, wt)
 
 
 def _pointwise_weight(weight: torch.Tensor, weight_t: torch.Tensor, in_idx: torch.Tensor | None,
@@ -184,6 +187,20 @@ def _scatter(x: torch.Tensor, kept: Kept) -> torch.Tensor:
     if not kept.per_image:
         return full.index_copy_(kept.axis, kept.idx[0], x)
     return full.scatter_(kept.axis, kept.view(kept.idx).expand_as(x), x)
+
+
+class FoldedConv(nn.Module):
+    """A plain convolution with the evaluation-mode BatchNorm after it folded into its weights (all channels)."""
+
+    def __init__(self, conv: nn.Conv2d, norm: nn.modules.batchnorm._BatchNorm):
+        super().__init__()
+        self.conv = conv
+        self.packed = folded(conv, norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = self.packed.get()
+        weight = packed.channels_last if packed.channels_last is not None and is_channels_last(x) else packed.weight
+        return _conv(self.conv, x, weight, packed.bias, groups=self.conv.groups)
 
 
 class SlicedDepthwise(nn.Module):

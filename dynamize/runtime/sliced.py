@@ -22,7 +22,7 @@ from ..graph.ops import Role
 from ..graph.plan import ChannelGroup
 from ..graph.rewrite import DynamicUnit, gate_key, set_fast_path_compiler
 from .decide import Decide
-from .layers import CompactPool, Scale, ScaleBy, SlicedDepthwise, SlicedLayer, SlicedNorm
+from .layers import CompactPool, FoldedConv, Scale, ScaleBy, SlicedDepthwise, SlicedLayer, SlicedNorm
 
 CHANNEL_MODES = ("auto", "union", "split")
 # Modules that return their input in evaluation: the fast graph does not call them.
@@ -52,15 +52,40 @@ class FastResidual(GatedResidual):
         keep, scale = self.gate(pooled)
         n = x.shape[0]
         kept = int(keep.sum())
-        if kept == n:
-            return torch.addcmul(shortcut, scale.reshape(-1, 1, 1, 1), self.branch(x, *extra))
+        if kept == n:  # the branch's output is its own new tensor: scaled and added in place
+            return self.branch(x, *extra).mul_(scale.reshape(-1, 1, 1, 1)).add_(shortcut)
         if kept == 0:
             self._scatter_inner_decisions(keep.new_zeros(0, dtype=torch.long), n)
             return shortcut
         idx = keep[:, 0].nonzero()[:, 0]
         y = self._branch_on(x, extra, idx).mul_(scale.index_select(0, idx).reshape(-1, 1, 1, 1))
         self._scatter_inner_decisions(idx, n)
-        return shortcut.clone().index_add_(0, idx, y)  # index_add would return NCHW for a channels-last shortcut
+        out = shortcut.clone()  # keeps a channels-last shortcut channels-last
+        flat_out, flat_y = _flat(out), _flat(y)
+        if flat_out is not None and flat_y is not None and out.stride()[1:] == y.stride()[1:]:
+            flat_out.index_add_(0, idx, flat_y)
+        else:
+            out.index_add_(0, idx, y)
+        return out
+
+    @staticmethod
+    def _images(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        flat = _flat(t)
+        if flat is None:
+            return t[idx]
+        picked = flat.index_select(0, idx)
+        return picked.as_strided((len(idx), *t.shape[1:]), t.stride())
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor | None:
+    """A [N, rest] view of a batch tensor whose images are each one dense block of memory (contiguous or
+    channels-last), else None. Picking and adding whole images through it copies plain rows: 2-3x faster than
+    indexing a channels-last tensor along its batch axis."""
+    if t.is_contiguous():
+        return t.view(t.shape[0], -1)
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1)
+    return None
 
 
 class _GroupSites:
@@ -159,14 +184,8 @@ def _slice_groups(gm: fx.GraphModule, groups: list[ChannelGroup], mode: str) -> 
             call = SlicedLayer(module, norm), (n.args[0], kept[src.group.name] if src else None, k)
         elif own is not None and n is own.gate:
             call = Scale(), (n.args[1], k)
-        elif n in folded:  # the norm is in the convolution before it: what is left is timm's fused drop + act
-            out = n.args[0]
-            for part in ("drop", "act"):
-                if isinstance(getattr(module, part, None), nn.Module):
-                    with graph.inserting_before(n):
-                        out = graph.call_module(f"{n.target}.{part}", (out,))
-            n.replace_all_uses_with(out)
-            graph.erase_node(n)
+        elif n in folded:
+            _drop_folded_norm(gm, n)
             continue
         else:
             call = _sliced(gm, n, own.group.axis, k, compact_of, norm)
@@ -177,6 +196,38 @@ def _slice_groups(gm: fx.GraphModule, groups: list[ChannelGroup], mode: str) -> 
         n.replace_all_uses_with(new)
         compact_of[new] = own
         graph.erase_node(n)
+
+
+def _drop_folded_norm(gm: fx.GraphModule, n: fx.Node) -> None:
+    """Remove the call of a norm folded into the convolution before it; timm's fused drop + act, if any, stay."""
+    module, out = gm.get_submodule(n.target), n.args[0]
+    for part in ("drop", "act"):
+        if isinstance(getattr(module, part, None), nn.Module):
+            with gm.graph.inserting_before(n):
+                out = gm.graph.call_module(f"{n.target}.{part}", (out,))
+    n.replace_all_uses_with(out)
+    gm.graph.erase_node(n)
+
+
+def _fold_norms(gm: fx.GraphModule) -> None:
+    """Fold each evaluation-mode BatchNorm that follows a plain convolution outside the channel groups (shortcut
+    projections, ungated layers) into that convolution: one pass over the map less per norm."""
+    for n in list(gm.graph.nodes):
+        if n.op != "call_module" or n.target.startswith("runtime.") or len(n.users) != 1:
+            continue
+        conv = gm.get_submodule(n.target)
+        (user,) = n.users
+        if not ops.is_plain_conv(conv) or user.op != "call_module" or len(user.args) != 1 or user.kwargs:
+            continue
+        norm = gm.get_submodule(user.target)
+        if not ops.is_running_batchnorm(norm):
+            continue
+        gm.add_submodule(f"runtime.{n.name}", FoldedConv(conv, norm))
+        with gm.graph.inserting_before(n):
+            new = gm.graph.call_module(f"runtime.{n.name}", n.args, n.kwargs)
+        n.replace_all_uses_with(new)
+        gm.graph.erase_node(n)
+        _drop_folded_norm(gm, user)
 
 
 def _sliced(gm: fx.GraphModule, n: fx.Node, axis: int, k: fx.Node, compact_of, norm: nn.Module | None):
@@ -210,6 +261,7 @@ def _compile_graph(gm: fx.GraphModule, groups: list[ChannelGroup], mode: str) ->
             res = new.get_submodule(n.target)
             new.add_submodule(n.target, FastResidual.of(res, _compile_graph(res.branch, groups, mode)))
     _slice_groups(new, groups, mode)
+    _fold_norms(new)
     _drop_no_ops(new)
     graph.lint()
     new.recompile()  # no delete_all_unused_submodules(): the modules are the model's own, shared, not copies
