@@ -10,6 +10,7 @@ once (BatchNorm folded in) and re-prepared when they change (`packing.py`), so t
 updates.
 """
 import copy
+import itertools
 
 import torch
 from timm.layers import DropBlock2d, DropPath
@@ -151,6 +152,10 @@ def _slice_groups(gm: fx.GraphModule, groups: list[ChannelGroup], mode: str) -> 
     order = {n: i for i, n in enumerate(graph.nodes)}
     sites = [_GroupSites(gm, g, nodes, gate_nodes[f"cnets.{gate_key(g.name)}"]) for g in groups
              if f"cnets.{gate_key(g.name)}" in gate_nodes]  # others live in another graph (a branch, the unit)
+    # Groups joined by an elementwise op (StarNet's act(f1(x)) * f2(x)) keep different channels on each side: no
+    # compact tensor holds their product, so they run masked, on every channel.
+    joined = {n for a, b in itertools.combinations(sites, 2) for n in a.compact & b.compact}
+    sites = [s for s in sites if not s.compact & joined]
     sites.sort(key=lambda s: order[s.producer])
 
     def add(name: str, module: nn.Module) -> str:
