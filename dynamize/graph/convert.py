@@ -28,8 +28,9 @@ _CROSSES = ("runs from one block into a later stage (a projection): gating it wo
             "between into one unit; left ungated")
 _NO_ADDS = "no residual adds: channel gates only"
 _TOP_LEVEL = "spans the model's top-level modules (a stem into the first block): left ungated to keep the timm model"
-_SLOW = ("too little work for its gate to pay for itself in wall-clock time (gathering a kept channel's weights costs "
-         "{:.1f}x the work of computing it, plus the gate's fixed cost): left ungated (profitable_only)")
+_SLOW = ("too little work for its gate to pay for itself in wall-clock time (at half its channels it would save "
+         "{:.1f} MMAC per image, less than gathering the kept weights and running the gate cost): left ungated "
+         "(profitable_only)")
 
 
 def architecture_of(model: nn.Module) -> str:
@@ -103,7 +104,7 @@ def plan_model(model: nn.Module, *, gates: str = "both", img_size: int | None = 
         plan.skipped += [Skipped("group", owner(gr.producer), _CROSSES) for gr in swallowing]
         groups = [gr for gr in groups if gr not in swallowing]
         if profitable_only:
-            slow = {id(gr): share for gr in groups if (share := _gather_share(g, gr, groups, flops)) is not None}
+            slow = {id(gr): share for gr in groups if (share := _unprofitable(g, gr, groups, flops)) is not None}
             plan.skipped += [Skipped("group", owner(gr.producer), _SLOW.format(slow[id(gr)]))
                              for gr in groups if id(gr) in slow]
             groups = [gr for gr in groups if id(gr) not in slow]
@@ -166,14 +167,14 @@ def plan_model(model: nn.Module, *, gates: str = "both", img_size: int | None = 
     return plan
 
 
-def _gather_share(g: Graph, group: Group, groups: list[Group], flops: dict[str, int]) -> float | None:
-    """Gathering cost over work per channel of a group whose gate does not pay for itself, else None."""
+def _unprofitable(g: Graph, group: Group, groups: list[Group], flops: dict[str, int]) -> float | None:
+    """MMACs per image that half of a group's channels would save, if that does not pay for its gate; else None."""
     macs = sum(flops.get(n.name, 0) for n in group.members + group.sinks) / 2 / group.channels
     depthwise = [ops.module_of(g.gm, n) for n in group.members[1:] if ops.is_depthwise(ops.module_of(g.gm, n))]
     upstream = any(group.producer in other.sinks for other in groups)
     gather = channel_gather_macs(ops.module_of(g.gm, group.producer), depthwise,
                                  [ops.module_of(g.gm, n) for n in group.sinks], group.channels, upstream)
-    return None if channel_gate_pays(macs, gather, group.channels) else gather / max(macs, 1.0)
+    return None if channel_gate_pays(macs, gather, group.channels) else macs * group.channels / 2 / 1e6
 
 
 def _why_nothing(skipped: list[Skipped]) -> str:

@@ -67,6 +67,25 @@ def is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
+def decisions(gate: Gate, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `gate(pooled)` returns in evaluation (decisions, scales), in about half its time: the MLP as fused
+    functional calls (a gate on a small map costs as much as the layers it saves, so its overhead counts)."""
+    if not gate.is_active:
+        return gate(pooled)
+    first, norm, _, last = gate.mlp
+    h = torch.addmm(first.bias, pooled, first.weight.t())
+    h = torch.layer_norm(h, norm.normalized_shape, norm.weight, norm.bias, norm.eps).relu_()
+    out = torch.addmm(last.bias, h, last.weight.t())
+    units = gate.units
+    logit, scale = out[:, :units], out[:, units:].add_(1.0)
+    if gate.forced is not None:
+        keep = gate.forced.to(logit.dtype).expand(out.shape[0], units)
+    else:
+        keep = gate._at_least_min_keep(logit > gate.threshold, logit).to(logit.dtype)
+    gate.last_keep, gate.last_prob = keep, None
+    return keep, scale
+
+
 class Decide(nn.Module):
     """Runs a group's C-Net before its producer and turns the decisions into a `Kept`.
 
@@ -87,7 +106,7 @@ class Decide(nn.Module):
         self.axis, self.macs, self.area, self.gather, self.mode = axis, macs, area, gather, mode
 
     def forward(self, pooled: torch.Tensor, x: torch.Tensor, upstream: Kept | None = None) -> Kept:
-        keep, scale = self.gate(pooled)
+        keep, scale = decisions(self.gate, pooled)
         mult = keep * scale
         n, c = keep.shape
         channels_last = upstream.channels_last if upstream is not None else is_channels_last(x)

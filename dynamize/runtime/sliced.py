@@ -22,7 +22,7 @@ from ..graph.gates import Gate, GatedResidual, GatePool
 from ..graph.ops import Role
 from ..graph.plan import ChannelGroup
 from ..graph.rewrite import DynamicUnit, gate_key, set_fast_path_compiler
-from .decide import Decide
+from .decide import Decide, decisions
 from .layers import CompactPool, FoldedConv, Scale, ScaleBy, SlicedDepthwise, SlicedLayer, SlicedNorm
 
 CHANNEL_MODES = ("auto", "union", "split")
@@ -50,7 +50,7 @@ class FastResidual(GatedResidual):
         return self.inner
 
     def forward(self, x: torch.Tensor, shortcut: torch.Tensor, pooled: torch.Tensor, *extra) -> torch.Tensor:
-        keep, scale = self.gate(pooled)
+        keep, scale = decisions(self.gate, pooled)
         n = x.shape[0]
         kept = int(keep.sum())
         if kept == n:  # the branch's output is its own new tensor: scaled and added in place

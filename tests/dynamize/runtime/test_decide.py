@@ -4,7 +4,7 @@ import torch
 
 from dynamize.graph.gates import Gate
 from dynamize.runtime import decide as decide_module
-from dynamize.runtime.decide import Decide
+from dynamize.runtime.decide import Decide, decisions
 
 C = 6
 
@@ -63,3 +63,19 @@ def test_kept_counts_round_up_to_a_bucket_of_dropped_channels(monkeypatch):
     kept = _decide([[1, 0, 1, 0, 0, 0], [0, 0, 1, 1, 0, 0]], mode="union")
     assert kept.idx[0, :3].tolist() == [0, 2, 3] and kept.idx.shape == (1, 4) and kept.mult[:, 3].eq(0).all()
     assert _decide([[1, 1, 1, 1, 1, 0]], mode="union").idx is None  # rounded up to every channel
+
+
+@pytest.mark.parametrize("case", ["learned", "min_keep", "forced", "inactive"])
+def test_decisions_equal_the_gate_in_evaluation(case):
+    gate = Gate(5, C, 8, min_keep=3 if case == "min_keep" else 0).eval()
+    torch.nn.init.normal_(gate.mlp[-1].weight)  # decisions that differ between channels and images
+    if case == "forced":
+        gate.forced = torch.tensor([[1.0, 0, 1, 0, 0, 1]])
+    if case == "inactive":
+        gate.active.fill_(False)
+    pooled = torch.randn(4, 5)
+    with torch.no_grad():
+        keep, scale = decisions(gate, pooled)
+        expected_keep, expected_scale = gate(pooled)
+    assert torch.equal(keep, expected_keep) and torch.equal(gate.last_keep, expected_keep)
+    torch.testing.assert_close(scale, expected_scale)
