@@ -106,7 +106,7 @@ def load_backbone(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None
     Raises:
         ModelError: anything but the classifier does not match.
     """
-    head = model.get_classifier()
+    head = model.get_classifier()  # type: ignore[operator]  # every timm model has it; nn.Module's stubs cannot know
     prefix = next(name for name, m in model.named_modules() if m is head)
     own = model.state_dict()
     state_dict = {k: v for k, v in state_dict.items()

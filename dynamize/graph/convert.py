@@ -14,8 +14,8 @@ from .cost import channel_gate_pays, channel_gather_macs, gate_flops, node_flops
 from .find import Block, Graph, Group, find_blocks, find_groups, is_residual_add, owner
 from .gates import gate_hidden
 from .plan import GATE_KINDS, BlockSite, ChannelGroup, CostItem, GatePlan, Skipped
-from .rewrite import rewrite
-from .trace import check_cnn, input_error, node_shape, trace
+from .rewrite import DynamicNet, rewrite
+from .trace import check_cnn, input_error, input_node, tensor_shape, trace
 from .units import assign_units, common_unit, crosses_blocks, is_within
 
 # A group outside every residual branch keeps at least this share of its channels: with no shortcut around it,
@@ -126,15 +126,15 @@ def plan_model(model: nn.Module, *, gates: str = "both", img_size: int | None = 
             continue
         (fork,) = entries
         add, out = unit.own[b.add], unit.own[b.out]
-        shortcut = add.args[1] if add.args[0] is out else add.args[0]
+        shortcut = input_node(add, 1) if add.args[0] is out else input_node(add, 0)
         name = block_names[id(b)] = _unique(owner(b.add), names)
-        c = node_shape(b.fork)[1]
+        c = tensor_shape(b.fork)[1]
         hidden = gate_hidden(c)
         plan.blocks.append(BlockSite(
             name=name, unit=unit.path, add=add.name, fork=fork.name, branch_out=out.name,
             shortcut=shortcut.name, branch_nodes=[unit.name(n) for n in g.nodes if n in b.region],
             channels=c, hidden=hidden, flops=sum(flops.get(n.name, 0) for n in b.region),
-            gate_flops=gate_flops(c, 1, hidden), pool_flops=pool_flops(node_shape(b.fork))))
+            gate_flops=gate_flops(c, 1, hidden), pool_flops=pool_flops(tensor_shape(b.fork))))
 
     group_names = {}
     for gr, unit in zip(groups, group_units):
@@ -142,19 +142,20 @@ def plan_model(model: nn.Module, *, gates: str = "both", img_size: int | None = 
             plan.skipped.append(Skipped("group", owner(gr.producer), _TOP_LEVEL))
             continue
         name = group_names[id(gr)] = _unique(owner(gr.producer), names)
-        in_ch = node_shape(gr.gate_input)[gr.axis]
+        in_ch = tensor_shape(gr.gate_input)[gr.axis]
         hidden = gate_hidden(in_ch)
         plan.groups.append(ChannelGroup(
-            name=name, unit=unit.path, producer=unit.name(gr.producer), gate_input=unit.own[gr.producer].args[0].name,
-            gate_after=unit.name(gr.end), members=[unit.name(n) for n in gr.members],
+            name=name, unit=unit.path, producer=unit.name(gr.producer),
+            gate_input=input_node(unit.own[gr.producer]).name, gate_after=unit.name(gr.end),
+            members=[unit.name(n) for n in gr.members],
             sinks=[unit.name(n) for n in gr.sinks], channels=gr.channels, in_channels=in_ch, axis=gr.axis,
             hidden=hidden, block=block_names.get(id(gr.block)), flops=sum(flops.get(n.name, 0) for n in
                                                                           gr.members + gr.sinks),
-            gate_flops=gate_flops(in_ch, gr.channels, hidden), pool_flops=pool_flops(node_shape(gr.gate_input)),
+            gate_flops=gate_flops(in_ch, gr.channels, hidden), pool_flops=pool_flops(tensor_shape(gr.gate_input)),
             min_keep=0 if gr.block is not None else max(1, math.ceil(min_keep_share * gr.channels))))
 
     block_of = {n: block_names[id(b)] for b in gated_blocks if id(b) in block_names for n in b.region}
-    scaled_by = {}
+    scaled_by: dict[fx.Node, list[str]] = {}
     for gr in groups:
         if id(gr) in group_names:
             for n in gr.members + gr.sinks:
@@ -210,7 +211,7 @@ def _unique(name: str, used: set) -> str:
 
 
 def convert(model: str | nn.Module, *, gates: str = "both", img_size: int | None = None,
-            min_keep_share: float = MIN_KEEP_SHARE, profitable_only: bool = False, **timm_kwargs) -> nn.Module:
+            min_keep_share: float = MIN_KEEP_SHARE, profitable_only: bool = False, **timm_kwargs) -> DynamicNet:
     """Insert L-Net and/or C-Net gates into a timm CNN.
 
     Args:

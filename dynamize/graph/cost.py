@@ -11,13 +11,15 @@ any active gate that reads it runs. The fraction divides by the original model's
 """
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from typing import cast
 
 import torch
 from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .gates import Gate
-from .plan import GatePlan
+from .plan import BlockSite, ChannelGroup, GatePlan
+from .rewrite import DynamicNet
 
 OUTSIDE = "(outside gated blocks)"
 GATES = "(gates)"
@@ -151,11 +153,12 @@ def parts(plan: GatePlan, keep_block: Decisions, kept: Decisions,
     out: dict[str, torch.Tensor] = defaultdict(lambda: ref.new_zeros(n))
     for item in plan.costs:
         term = ref.new_full((n,), float(item.flops))
-        if item.block in keep_block:
-            term = term * keep_block[item.block]
-        for g in item.groups:
-            term = term * kept[g]
-        key = item.block if item.block in keep_block else OUTSIDE
+        block = item.block if item.block in keep_block else None
+        if block is not None:
+            term = term * keep_block[block]
+        for group in item.groups:
+            term = term * kept[group]
+        key = block if block is not None else OUTSIDE
         out[key] = out[key] + term
     runs: dict[str, torch.Tensor] = {}  # per pooled tensor: whether any active gate reading it runs, per image
     gates = out[GATES]
@@ -165,10 +168,11 @@ def parts(plan: GatePlan, keep_block: Decisions, kept: Decisions,
             runs[b.pool] = ref.new_ones(n)
     for g in plan.groups:
         if active is None or active.get(g.name, True):
-            run = keep_block[g.block] if g.block in keep_block else ref.new_ones(n)
+            run = keep_block[g.block] if g.block is not None and g.block in keep_block else ref.new_ones(n)
             gates = gates + g.gate_flops * run
             runs[g.pool] = torch.maximum(runs[g.pool], run) if g.pool in runs else run
-    pools = {s.pool: s.pool_flops for s in [*plan.blocks, *plan.groups]}
+    sites: list[BlockSite | ChannelGroup] = [*plan.blocks, *plan.groups]
+    pools = {s.pool: s.pool_flops for s in sites}
     for pool, run in runs.items():
         gates = gates + pools[pool] * run
     out[GATES] = gates
@@ -178,19 +182,20 @@ def parts(plan: GatePlan, keep_block: Decisions, kept: Decisions,
 def fraction(plan: GatePlan, keep_block: Decisions, kept: Decisions,
              active: Mapping[str, bool] | None = None) -> torch.Tensor:
     """Per-image FLOPs as a fraction of the original model's, [batch] (see `parts`)."""
-    return sum(parts(plan, keep_block, kept, active).values()) / plan.total_flops
+    total = cast(torch.Tensor, sum(parts(plan, keep_block, kept, active).values()))  # GATES is always a part
+    return total / plan.total_flops
 
 
-def decisions(model: nn.Module):
+def decisions(model: DynamicNet) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, bool]]:
     """(keep_block, kept, active) of a gated model's last forward pass, differentiable in training."""
     plan = model.plan
-    keep_block = {b.name: model.block_gate(b.name).last_keep[:, 0] for b in plan.blocks}
-    kept = {g.name: model.channel_gate(g.name).last_keep.mean(1) for g in plan.groups}
+    keep_block = {b.name: model.block_gate(b.name).decisions[:, 0] for b in plan.blocks}
+    kept = {g.name: model.channel_gate(g.name).decisions.mean(1) for g in plan.groups}
     active = {name: gate.is_active for _, name, gate in model.gates()}
     return keep_block, kept, active
 
 
-def flops_per_image(model: nn.Module) -> torch.Tensor:
+def flops_per_image(model: DynamicNet) -> torch.Tensor:
     """Per-image FLOPs fraction, [batch], from the decisions of the model's last forward pass.
 
     Differentiable through straight-through decisions in training, so it can drive the budget penalty.
@@ -198,13 +203,13 @@ def flops_per_image(model: nn.Module) -> torch.Tensor:
     return fraction(model.plan, *decisions(model))
 
 
-def flops_by_part(model: nn.Module) -> dict[str, torch.Tensor]:
+def flops_by_part(model: DynamicNet) -> dict[str, torch.Tensor]:
     """Per-image FLOPs of the last forward pass, by block, OUTSIDE and GATES (they add up to `flops_per_image`)."""
     return parts(model.plan, *decisions(model))
 
 
 @torch.no_grad()
-def flops_fraction(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+def flops_fraction(model: DynamicNet, images: torch.Tensor) -> torch.Tensor:
     """Each image's FLOPs as a fraction of the original model's, with the model's hard (evaluation) decisions."""
     was_training = model.training
     model.eval()

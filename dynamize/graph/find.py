@@ -5,6 +5,7 @@ the other operand's source x by a single-entry branch that contains convolutions
 of a convolution that reaches only other convolutions through per-channel operations (the op table, `ops.py`).
 """
 import operator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from torch import fx, nn
@@ -12,7 +13,7 @@ from torch import fx, nn
 from . import ops
 from .ops import Role
 from .plan import Skipped
-from .trace import is_in_place, node_shape
+from .trace import input_node, is_in_place, node_shape
 
 
 @dataclass
@@ -44,7 +45,7 @@ class Group:
     @property
     def gate_input(self) -> fx.Node:
         """The producer's input: the C-Net decides before the producer runs."""
-        return self.producer.args[0]
+        return input_node(self.producer)
 
 
 def owner(node: fx.Node) -> str:
@@ -57,10 +58,11 @@ def is_residual_add(node: fx.Node) -> bool:
     """An add of two tensor nodes of the same 4-D shape."""
     if not ops.is_add(node) or node.kwargs or len(node.args) != 2:
         return False
-    if not all(isinstance(a, fx.Node) for a in node.args):
+    a, b = node.args
+    if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
         return False
-    a, b = (node_shape(x) for x in node.args)
-    return a is not None and a == b and len(a) == 4
+    shape = node_shape(a)
+    return shape is not None and shape == node_shape(b) and len(shape) == 4
 
 
 class Graph:
@@ -100,7 +102,7 @@ class Graph:
     def owned_region(self, out: fx.Node) -> tuple[set[fx.Node], set[fx.Node]]:
         """The nodes used only to compute `out` (with the side nodes that hang on them), and the region's inputs."""
         region = {out, *self.hanging.get(out, ())}
-        for n in sorted(self.ancestors(out), key=self.order.get, reverse=True):
+        for n in sorted(self.ancestors(out), key=self.order.__getitem__, reverse=True):
             own = {n, *self.hanging.get(n, ())}
             if n.op != "placeholder" and n.users and all(u in region or u in own for u in n.users):
                 region |= own
@@ -175,10 +177,12 @@ def _passes_channels(g: Graph, node: fx.Node, axis: int, channels: int, roles: t
 
 def _is_sink(g: Graph, node: fx.Node, src: fx.Node, axis: int, channels: int) -> bool:
     """True if `node` is a layer reading the group's channels as its input features."""
-    m = ops.module_of(g.gm, node)
     if node.args[0] is not src or ops.role(g.gm, node, axis) is not Role.LAYER:
         return False
-    return (m.in_channels if axis == 1 else m.in_features) == channels
+    m = ops.module_of(g.gm, node)  # a full convolution (axis 1) or a channels-last linear (axis -1)
+    if isinstance(m, nn.Conv2d):
+        return m.in_channels == channels
+    return isinstance(m, nn.Linear) and m.in_features == channels
 
 
 def _why_not(g: Graph, node: fx.Node) -> str:
@@ -202,9 +206,9 @@ def _why_not(g: Graph, node: fx.Node) -> str:
     return f"feeds `{node.name}`{f' ({type(m).__name__})' if m is not None else ''}, which mixes channels"
 
 
-def _follow(g: Graph, producer: fx.Node, axis: int) -> tuple[Group | None, str | None]:
-    """Follow a producer's output through per-channel ops to the layers that read it."""
-    channels = _channels(producer, axis)
+def _follow(g: Graph, producer: fx.Node, axis: int, channels: int) -> Group | str:
+    """Follow a producer's output through per-channel ops to the layers that read it: the group, or why there is
+    none."""
     members = [producer]
     while len(members[-1].users) == 1:
         nxt = next(iter(members[-1].users))
@@ -232,19 +236,22 @@ def _follow(g: Graph, producer: fx.Node, axis: int) -> tuple[Group | None, str |
                 frontier.append(u)  # squeeze-excite rescaling of the group's own channels
                 stack.append(u)
             else:
-                return None, _why_not(g, u)
+                return _why_not(g, u)
     if not sinks:
-        return None, "reaches no convolution"
-    return Group(producer, members, sinks, channels, axis, frontier=frontier), None
+        return "reaches no convolution"
+    return Group(producer, members, sinks, channels, axis, frontier=frontier)
 
 
-def _producers(g: Graph):
+def _producers(g: Graph) -> Iterator[tuple[fx.Node, int, tuple[int, ...]]]:
+    """The layers whose output channels may form a group, with their channel axis and 4-D output shape."""
     for n in g.nodes:
-        shape = node_shape(n) or ()
+        shape = node_shape(n)
+        if shape is None or len(shape) != 4:
+            continue
         if ops.role(g.gm, n, 1) is Role.LAYER:
-            yield n, 1
-        elif len(shape) == 4 and ops.role(g.gm, n, -1) is Role.LAYER:
-            yield n, -1
+            yield n, 1, shape
+        elif ops.role(g.gm, n, -1) is Role.LAYER:
+            yield n, -1, shape
 
 
 def find_groups(g: Graph, blocks: list[Block]) -> tuple[list[Group], list[Skipped]]:
@@ -252,14 +259,14 @@ def find_groups(g: Graph, blocks: list[Block]) -> tuple[list[Group], list[Skippe
     block_of = {n: b for b in blocks for n in b.region}
     groups: list[Group] = []
     skipped: list[Skipped] = []
-    for producer, axis in _producers(g):
+    for producer, axis, shape in _producers(g):
         name = owner(producer)
-        if axis == 1 and node_shape(producer)[2:] == (1, 1):
+        if axis == 1 and shape[2:] == (1, 1):
             skipped.append(Skipped("group", name, "works on a 1x1 map (squeeze-excite or head): too small"))
             continue
-        group, reason = _follow(g, producer, axis)
-        if group is None:
-            skipped.append(Skipped("group", name, reason))
+        group = _follow(g, producer, axis, shape[axis])
+        if isinstance(group, str):
+            skipped.append(Skipped("group", name, group))
             continue
         block = block_of.get(producer)
         if any(block_of.get(n) is not block for n in group.members + group.sinks + group.frontier):

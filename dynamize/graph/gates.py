@@ -49,15 +49,18 @@ class Gate(nn.Module):
             [batch, units], for the losses that shape the decisions; None in evaluation.
     """
 
+    threshold: torch.Tensor
+    active: torch.Tensor
+
     def __init__(self, in_channels: int, units: int, hidden: int, min_keep: int = 0):
         super().__init__()
         self.units, self.min_keep = units, min_keep
         self.mlp = nn.Sequential(nn.Linear(in_channels, hidden), nn.LayerNorm(hidden), nn.ReLU(inplace=True),
-                                 nn.Linear(hidden, 2 * units))
-        nn.init.zeros_(self.mlp[-1].weight)
+                                 out := nn.Linear(hidden, 2 * units))
+        nn.init.zeros_(out.weight)
         with torch.no_grad():
-            self.mlp[-1].bias[:units] = OPEN_LOGIT
-            self.mlp[-1].bias[units:] = 0.0
+            out.bias[:units] = OPEN_LOGIT
+            out.bias[units:] = 0.0
         self.register_buffer("threshold", torch.zeros(()))
         self.register_buffer("active", torch.ones((), dtype=torch.bool))
         self.tau = 1.0
@@ -73,7 +76,18 @@ class Gate(nn.Module):
     @property
     def learning(self) -> bool:
         """True while the gate is active and its parameters are trained."""
-        return self.is_active and self.mlp[-1].weight.requires_grad
+        return self.is_active and self.mlp[-1].get_parameter("weight").requires_grad
+
+    @property
+    def decisions(self) -> torch.Tensor:
+        """The decisions of the last forward pass (`last_keep`), [batch, units].
+
+        Raises:
+            RuntimeError: the gate has not run yet.
+        """
+        if self.last_keep is None:
+            raise RuntimeError("the gate has not run yet: no decisions")
+        return self.last_keep
 
     def logits(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep logits and scales, each [batch, units], from the pooled gate input."""
@@ -149,19 +163,22 @@ class GatedResidual(nn.Module):
         state["branch"] = None  # a copy runs the copied unit's layers: the unit sets it again
         return state
 
+    def _run_branch(self, x: torch.Tensor, *extra) -> torch.Tensor:
+        if self.branch is None:
+            raise RuntimeError("the residual branch is not set; the DynamicUnit that owns this gate sets it")
+        return self.branch(x, *extra)
+
     def forward(self, x: torch.Tensor, shortcut: torch.Tensor, pooled: torch.Tensor, *extra) -> torch.Tensor:
         keep, scale = self.gate(pooled)
         idx = keep[:, 0].nonzero()[:, 0]
         # In training, one image alone cannot give BatchNorm statistics (a 1x1 map): it runs with the others.
         if self.training and torch.is_grad_enabled() and (self.gate.learning or idx.numel() == 1):
-            return shortcut + (keep * scale).reshape(-1, 1, 1, 1) * self.branch(x, *extra)
+            return shortcut + (keep * scale).reshape(-1, 1, 1, 1) * self._run_branch(x, *extra)
         if idx.numel() == x.shape[0]:
-            return shortcut + scale.reshape(-1, 1, 1, 1) * self.branch(x, *extra)
+            return shortcut + scale.reshape(-1, 1, 1, 1) * self._run_branch(x, *extra)
+        out = shortcut.clone()  # a fresh tensor, as the add it replaces: the unit may write into it in place
         if idx.numel():
-            out = shortcut.clone()
             out[idx] += scale[idx].reshape(-1, 1, 1, 1) * self._branch_on(x, extra, idx)
-        else:
-            out = shortcut
         self._scatter_inner_decisions(idx, x.shape[0])
         return out
 
@@ -176,7 +193,7 @@ class GatedResidual(nn.Module):
         for m in inner:
             m.forced = m.forced[idx]
         try:
-            return self.branch(self._images(x, idx), *(self._images(e, idx) for e in extra))
+            return self._run_branch(self._images(x, idx), *(self._images(e, idx) for e in extra))
         finally:
             for m, forced in zip(inner, saved):
                 m.forced = forced

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from timm.layers import Conv2dSame
 from torch import fx, nn
 
+from .trace import target_path
+
 
 class Role(enum.Enum):
     """What an op does to the channels of the one tensor it reads."""
@@ -40,10 +42,10 @@ CONCAT_FUNCTIONS = (torch.cat, torch.concat)
 
 def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     """The module a `call_module` node calls, else None."""
-    return gm.get_submodule(node.target) if node.op == "call_module" else None
+    return gm.get_submodule(target_path(node)) if node.op == "call_module" else None
 
 
-def is_conv(m: nn.Module | None) -> bool:
+def is_conv(m: nn.Module | None) -> TypeGuard[nn.Conv2d]:
     return isinstance(m, nn.Conv2d)
 
 
@@ -63,7 +65,7 @@ def is_full_conv(m: nn.Module | None) -> bool:
     return is_plain_conv(m) and m.groups == 1
 
 
-def is_depthwise(m: nn.Module | None) -> bool:
+def is_depthwise(m: nn.Module | None) -> TypeGuard[nn.Conv2d]:
     """A plain depthwise convolution: one filter per channel, so it can run on any subset of channels."""
     return is_plain_conv(m) and 1 < m.groups == m.in_channels == m.out_channels
 

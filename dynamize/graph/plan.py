@@ -136,7 +136,8 @@ class GatePlan:
     @property
     def gate_flops(self) -> int:
         """FLOPs of all gates together for one image: their MLPs and the pooling of each tensor they read."""
-        pools = {s.pool: s.pool_flops for s in [*self.blocks, *self.groups]}
+        sites: list[BlockSite | ChannelGroup] = [*self.blocks, *self.groups]
+        pools = {s.pool: s.pool_flops for s in sites}
         return sum(b.gate_flops for b in self.blocks) + sum(g.gate_flops for g in self.groups) + sum(pools.values())
 
     @property

@@ -9,6 +9,7 @@ methods (`plan`, `gates()`, ...).
 import contextlib
 import copy
 from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 import torch
 from torch import fx, nn
@@ -33,6 +34,17 @@ def set_fast_path_compiler(compiler: _FastPathCompiler) -> None:
     """Register the function that builds a unit's hard inference path (see `DynamicUnit.set_fast_path`)."""
     global _fast_path_compiler
     _fast_path_compiler = compiler
+
+
+_M = TypeVar("_M", bound=nn.Module)
+
+
+def submodule(root: nn.Module, path: str, cls: type[_M]) -> _M:
+    """`root.get_submodule(path)`, which the plan says is a `cls`."""
+    module = root.get_submodule(path)
+    if not isinstance(module, cls):
+        raise TypeError(f"{path!r} is a {type(module).__name__}, not a {cls.__name__}")
+    return module
 
 
 def _copy_graph(graph: fx.Graph) -> fx.Graph:
@@ -76,7 +88,7 @@ class DynamicUnit(nn.Module):
     def _assemble(self) -> None:
         self.__dict__["_masked"] = fx.GraphModule(self, _copy_graph(self._graph), f"Gated{self.original_type}")
         for key, graph in self._branches.items():
-            self.lnets[key].set_branch(fx.GraphModule(self, _copy_graph(graph), "Branch"))
+            submodule(self.lnets, key, GatedResidual).set_branch(fx.GraphModule(self, _copy_graph(graph), "Branch"))
 
     @property
     def masked(self) -> fx.GraphModule:
@@ -96,6 +108,8 @@ class DynamicUnit(nn.Module):
         if "_fast" not in self.__dict__:
             if _fast_path_compiler is None:
                 raise RuntimeError("no fast path compiler is registered; import dynamize.runtime")
+            if self.runtime_mode is None:
+                raise RuntimeError("this unit has no fast path; see set_fast_path")
             self.__dict__["_fast"] = _fast_path_compiler(self, self.runtime_groups, self.runtime_mode)
         return self.__dict__["_fast"]
 
@@ -158,7 +172,7 @@ def _insert_gates(unit: DynamicUnit, graph: fx.Graph, blocks: list[BlockSite],
         after = node(grp.gate_after)
         with graph.inserting_after(after):
             gated = graph.call_module(f"cnets.{key}", (pooled, after))
-        after.replace_all_uses_with(gated, delete_user_cb=lambda u, g=gated: u is not g)
+        after.replace_all_uses_with(gated, delete_user_cb=lambda user: user is not gated)
         gate_nodes[grp.gate_after] = replaced[grp.gate_after] = gated
 
     branches: dict[str, fx.Graph] = {}
@@ -171,8 +185,8 @@ def _insert_gates(unit: DynamicUnit, graph: fx.Graph, blocks: list[BlockSite],
         region |= {gate_nodes[name] for name in blk.branch_nodes if name in gate_nodes}
         region |= {p for p in pools.values() if p.args[0] in region}
         order = {n: i for i, n in enumerate(graph.nodes)}
-        inside = sorted(region, key=order.get)
-        outside = sorted({a for n in inside for a in n.all_input_nodes if a not in region}, key=order.get)
+        inside = sorted(region, key=order.__getitem__)
+        outside = sorted({a for n in inside for a in n.all_input_nodes if a not in region}, key=order.__getitem__)
         sub = fx.Graph()
         env = {fork: sub.placeholder("x")}
         extras = [a for a in outside if a is not fork and a.op != "get_attr"]
@@ -212,12 +226,12 @@ class DynamicNet(nn.Module):
     def block_gate(self, name: str) -> Gate:
         """The L-Net gate of a block named in the plan."""
         block = next(b for b in self.plan.blocks if b.name == name)
-        return self.get_submodule(_path(block.unit, "lnets", block.name)).gate
+        return submodule(self, _path(block.unit, "lnets", block.name), GatedResidual).gate
 
     def channel_gate(self, name: str) -> Gate:
         """The C-Net gate of a channel group named in the plan."""
         group = next(g for g in self.plan.groups if g.name == name)
-        return self.get_submodule(_path(group.unit, "cnets", group.name)).gate
+        return submodule(self, _path(group.unit, "cnets", group.name), ChannelGate).gate
 
     def gates(self) -> Iterator[tuple[str, str, Gate]]:
         """All gates, L-Nets first, as (kind, name, Gate); kind is "layer" or "channel"."""
@@ -229,7 +243,7 @@ class DynamicNet(nn.Module):
     def units(self) -> Iterator[tuple[str, DynamicUnit]]:
         """The rewritten modules, as (module path, DynamicUnit)."""
         for path in self.plan.units:
-            yield path, self.get_submodule(path)
+            yield path, submodule(self, path, DynamicUnit)
 
     @contextlib.contextmanager
     def masked_path(self) -> Iterator[None]:
@@ -254,10 +268,10 @@ def _path(unit: str, kind: str, name: str) -> str:
     return f"{unit}.{kind}.{gate_key(name)}"
 
 
-_CLASSES: dict[type, type] = {}
+_CLASSES: dict[type[nn.Module], type[DynamicNet]] = {}
 
 
-def _dynamic_class(cls: type) -> type:
+def _dynamic_class(cls: type[nn.Module]) -> type[DynamicNet]:
     if issubclass(cls, DynamicNet):
         return cls
     if cls not in _CLASSES:
@@ -265,7 +279,7 @@ def _dynamic_class(cls: type) -> type:
     return _CLASSES[cls]
 
 
-def rewrite(model: nn.Module, plan: GatePlan) -> nn.Module:
+def rewrite(model: nn.Module, plan: GatePlan) -> DynamicNet:
     """Replay a plan on a copy of a timm model (the model itself is left untouched) and return the gated copy.
 
     Raises:
@@ -283,5 +297,6 @@ def rewrite(model: nn.Module, plan: GatePlan) -> nn.Module:
         parent, _, leaf = path.rpartition(".")
         setattr(net.get_submodule(parent) if parent else net, leaf, unit)
     net.__class__ = _dynamic_class(type(net))
+    assert isinstance(net, DynamicNet)  # what the class swap made it
     net.plan = plan
     return net.train(model.training)

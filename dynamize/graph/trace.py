@@ -58,6 +58,21 @@ def symbolic_trace(module: nn.Module, none_args: Sequence[str] = ()) -> fx.Graph
     return gm
 
 
+def input_node(node: fx.Node, i: int = 0) -> fx.Node:
+    """The `i`-th argument of `node`, a tensor the op reads (fx types arguments as any constant or container)."""
+    arg = node.args[i]
+    if not isinstance(arg, fx.Node):
+        raise TypeError(f"argument {i} of node {node.name} is {arg!r}, not a node")
+    return arg
+
+
+def target_path(node: fx.Node) -> str:
+    """The path of the module a `call_module` node calls, or of the attribute a `get_attr` node reads."""
+    if not isinstance(node.target, str):
+        raise TypeError(f"node {node.name} ({node.op}) names no module or attribute")
+    return node.target
+
+
 def is_in_place(node: fx.Node) -> bool:
     """A tensor method that changes its tensor in place (`x.mul_(g)`), whose effect outlives its unused result."""
     target = node.target
@@ -104,3 +119,11 @@ def node_shape(node: fx.Node) -> tuple[int, ...] | None:
     """The traced output shape of a node, or None if it is not a single tensor."""
     meta = node.meta.get("tensor_meta")
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def tensor_shape(node: fx.Node) -> tuple[int, ...]:
+    """The traced output shape of a node that computes a single tensor."""
+    shape = node_shape(node)
+    if shape is None:
+        raise TypeError(f"node {node.name} has no traced tensor shape")
+    return shape

@@ -17,7 +17,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import ModelError
-from .trace import symbolic_trace
+from .trace import symbolic_trace, target_path
 
 ROOT = ""
 
@@ -47,7 +47,7 @@ def crosses_blocks(model: nn.Module, producer: fx.Node, nodes: Iterable[fx.Node]
     projection into the next block.
     """
     unit = common_unit([producer, *nodes])
-    path = module_path(producer) + [producer.target]
+    path = module_path(producer) + [target_path(producer)]
     child = path[path.index(unit) + 1 if unit != ROOT else 0]
     layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.get_submodule(child).modules())
     return layers > 1

@@ -14,7 +14,7 @@ from pathlib import Path
 from ..errors import OutputError
 
 
-def write_file(path: Path, write: Callable[[Path], None]) -> None:
+def write_file(path: Path, write: Callable[[Path], object]) -> None:
     """Write one file through a temporary sibling and a rename, so no reader ever sees it half-written."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -8,7 +8,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -27,6 +27,7 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 RUNS = Path("runs")
 GATED, BASE = "gated", "base"
+_M = TypeVar("_M", bound=nn.Module)
 
 
 @dataclass
@@ -157,27 +158,36 @@ def _weights_header(path: Path) -> dict[str, tuple[int, ...]]:
                        "write the run again") from None
 
 
-def _build(run: Run, device: str | torch.device = "cpu") -> nn.Module:
-    """The model a run describes, with freshly initialised weights (on the meta device: shapes only)."""
+def _base(run: Run, device: str | torch.device = "cpu") -> nn.Module:
+    """The timm model a run's config describes, freshly initialised (on the meta device: shapes only)."""
     try:
         check_model_name(run.architecture)
         with torch.device(device):
-            base = create_base(run.architecture, num_classes=run.num_classes, in_chans=run.in_chans)
+            return create_base(run.architecture, num_classes=run.num_classes, in_chans=run.in_chans)
     except ModelError as e:
         raise RunError(f"cannot rebuild {run.path}: {e}") from None
+
+
+def _build(run: Run, device: str | torch.device = "cpu") -> nn.Module:
+    """The model a run describes, with freshly initialised weights (on the meta device: shapes only)."""
+    base = _base(run, device)
     return rewrite(base, run.plan) if run.plan is not None else base
 
 
-def _load(run: Run) -> nn.Module:
-    model = _build(run)
+def _load(run: Run, model: _M) -> _M:
+    """`model`, built as the run describes, with the run's weights and config, in evaluation mode."""
     try:
         model.load_state_dict(load_file(str(run.path / WEIGHTS)), strict=True)
     except (SafetensorError, OSError, RuntimeError) as e:
         raise RunError(f"cannot load {run.path / WEIGHTS} ({str(e)[:100]}); write the run again") from None
     if run.config.get("pretrained_cfg"):
         model.pretrained_cfg = model.default_cfg = run.config["pretrained_cfg"]
-    model.run_config = run.config
+    model.run_config = run.config  # type: ignore[assignment]  # nn.Module's __setattr__ is typed for tensors only
     return model.eval()
+
+
+def _load_gated(run: Run) -> DynamicNet:
+    return _load(run, rewrite(_base(run), run.gate_plan))
 
 
 def load(path: str | Path) -> DynamicNet:
@@ -186,7 +196,7 @@ def load(path: str | Path) -> DynamicNet:
     Raises:
         RunError: the directory, its config or its weights are missing, damaged or disagree.
     """
-    return _load(check_run(path, GATED))
+    return _load_gated(check_run(path, GATED))
 
 
 def load_base(path: str | Path) -> nn.Module:
@@ -196,9 +206,9 @@ def load_base(path: str | Path) -> nn.Module:
         RunError: the run is missing, damaged or disagrees with its weights.
     """
     run = check_run(path)
-    model = _load(run)
     if run.plan is None:
-        return model
+        return _load(run, _base(run))
+    model = _load_gated(run)
     base = create_base(run.architecture, num_classes=run.num_classes, in_chans=run.in_chans)
     base.load_state_dict(model.base_state_dict(), strict=True)
     base.pretrained_cfg = base.default_cfg = model.pretrained_cfg

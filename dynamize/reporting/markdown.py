@@ -54,8 +54,8 @@ def _groups(groups: Sequence[dict]) -> str:
 
 def block_rows(entry: dict) -> list[tuple[str, ...]]:
     """Per-block rows of an evaluated run, then the FLOPs outside gated blocks and of the gates themselves."""
-    rows = [(b["name"], f"{b['execution_rate']:.3f}", _groups(b["groups"]), _pct(b["flops_share"]),
-             _pct(b["static_share"])) for b in entry["blocks"]]
+    rows: list[tuple[str, ...]] = [(b["name"], f"{b['execution_rate']:.3f}", _groups(b["groups"]),
+                                    _pct(b["flops_share"]), _pct(b["static_share"])) for b in entry["blocks"]]
     static_outside = 1 - sum(b["static_share"] for b in entry["blocks"])
     rows.append(("(outside gated blocks)", "1.000", _groups(entry["other_groups"]), _pct(entry["outside_share"]),
                  _pct(static_outside)))
@@ -67,7 +67,7 @@ def static_block_rows(entry: dict) -> list[tuple[str, ...]]:
     """Per-block rows of a plan-only report: the groups each block holds and its share of the original FLOPs."""
     def groups(gs):
         return ", ".join(f"{g['name']} ({g['channels']})" for g in gs) or "-"
-    rows = [(b["name"], groups(b["groups"]), _pct(b["static_share"])) for b in entry["blocks"]]
+    rows: list[tuple[str, ...]] = [(b["name"], groups(b["groups"]), _pct(b["static_share"])) for b in entry["blocks"]]
     outside = 1 - sum(b["static_share"] for b in entry["blocks"])
     rows.append(("(outside gated blocks)", groups(entry["other_groups"]), _pct(outside)))
     return rows

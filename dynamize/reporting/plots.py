@@ -94,7 +94,7 @@ def extremes(ev, path: Path) -> None:
     n = min(GRID, len(order))
     fig = Figure(figsize=(12, 7))
     # Fixed spacing: constrained layout over 32 axes costs seconds.
-    sides = fig.subfigures(1, 2, wspace=0.05)
+    sides = fig.subfigures(1, 2, squeeze=False, wspace=0.05)[0]
     for side, (title, idx) in zip(sides, (("cheapest", order[:n]), ("most expensive", order.flip(0)[:n]))):
         side.suptitle(f"{ev.entry['name']}: {n} {title} images")
         axes = side.subplots(4, 4, gridspec_kw={"hspace": 0.45, "wspace": 0.1, "top": 0.88, "bottom": 0.02}).flatten()

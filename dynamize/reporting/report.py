@@ -120,7 +120,7 @@ def _collect(model: DynamicNet, teacher: nn.Module, data) -> dict[str, torch.Ten
         for part, flops in flops_by_part(model).items():
             out[f"part:{part}"].append(flops)
         for kind, name, gate in model.gates():
-            out[f"{kind}:{name}"].append(gate.last_keep)
+            out[f"{kind}:{name}"].append(gate.decisions)
     return {key: torch.cat(values) for key, values in out.items()}
 
 
@@ -157,9 +157,16 @@ def _group_entry(group, keep: torch.Tensor | None, block_keep: torch.Tensor | No
     return entry
 
 
+def _shares(c: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Each part's (block's, OUTSIDE's, GATES') share of the measured FLOPs."""
+    means = {k.removeprefix("part:"): v.mean() for k, v in c.items() if k.startswith("part:")}
+    total = float(sum(means.values()))
+    return {part: mean.item() / total for part, mean in means.items()}
+
+
 def _blocks(plan: GatePlan, c: dict[str, torch.Tensor] | None) -> dict:
     """Per-block and per-group entries; with collected decisions `c`, execution rates, kept channels, FLOPs shares."""
-    total = sum(v.mean() for k, v in c.items() if k.startswith("part:")).item() if c else None
+    shares = _shares(c) if c else None
     by_block = defaultdict(list)
     for g in plan.groups:
         by_block[g.block if g.block in {b.name for b in plan.blocks} else OUTSIDE].append(g)
@@ -167,18 +174,14 @@ def _blocks(plan: GatePlan, c: dict[str, torch.Tensor] | None) -> dict:
     for b in plan.blocks:
         keep = c[f"layer:{b.name}"][:, 0] if c else None
         blocks.append({"name": b.name, "static_share": b.flops / plan.total_flops,
-                       "execution_rate": keep.mean().item() if c else None,
-                       "flops_share": c[f"part:{b.name}"].mean().item() / total if c else None,
+                       "execution_rate": keep.mean().item() if keep is not None else None,
+                       "flops_share": shares[b.name] if shares is not None else None,
                        "groups": [_group_entry(g, c[f"channel:{g.name}"] if c else None, keep)
                                   for g in by_block[b.name]]})
-    def share(part: str) -> float | None:
-        if not c:
-            return None
-        return c[f"part:{part}"].mean().item() / total if f"part:{part}" in c else 0.0
-
     return {"blocks": blocks,
             "other_groups": [_group_entry(g, c[f"channel:{g.name}"] if c else None, None) for g in by_block[OUTSIDE]],
-            "outside_share": share(OUTSIDE), "gates_share": share(GATES)}
+            "outside_share": shares.get(OUTSIDE, 0.0) if shares is not None else None,
+            "gates_share": shares.get(GATES, 0.0) if shares is not None else None}
 
 
 def _per_class(c: dict[str, torch.Tensor], names: list[str]) -> list[dict]:
@@ -210,13 +213,12 @@ def evaluate_run(run: Path, name: str | None = None, data: str | None = None, da
     config = check_run(run, GATED).config
     spec = data_spec(run, config, data, data_dir)
     model = load(run)
-    ds = eval_dataset(spec)
-    classes = num_classes(ds)
+    split = eval_dataset(spec)
+    classes = num_classes(split)
     if classes != model.num_classes:
         raise DataError(f"{spec.name} has {classes} classes but {run} has a {model.num_classes}-class head; "
                         "pass the data set the run was trained on with --data")
-    if limit and limit < len(ds):
-        ds = Subset(ds, range(limit))
+    ds = Subset(split, range(limit)) if limit and limit < len(split) else split
     if len(ds) == 0:
         raise DataError(f"the evaluation split of {spec.name} has no images")
     c = _collect(model, load_teacher(run), loader(ds, batch_size))

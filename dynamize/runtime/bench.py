@@ -19,6 +19,7 @@ from ..errors import DynamizeError, OutputError, RunError
 from ..graph.convert import convert
 from ..graph.cost import expected_fraction, flops_per_image, min_fraction
 from ..graph.plan import GatePlan
+from ..graph.rewrite import DynamicNet
 from ..io.atomic import write_json
 from ..io.runs import load
 from ..models import check_model_name, create_base
@@ -89,7 +90,7 @@ def keep_probability(plan: GatePlan, fraction: float) -> float:
     return (lo + hi) / 2
 
 
-def force_random(net: nn.Module, p: float, batch: int, generator: torch.Generator) -> None:
+def force_random(net: DynamicNet, p: float, batch: int, generator: torch.Generator) -> None:
     """Force every gate of `net` to random per-image decisions that keep a share p of its units.
 
     Each image keeps exactly round(p * n) of its n blocks and of each group's channels (a random subset), so that
@@ -111,7 +112,7 @@ def _exactly(p: float, batch: int, units: int, generator: torch.Generator, at_le
     return (ranks < max(round(p * units), at_least)).float()
 
 
-def release(net: nn.Module) -> None:
+def release(net: DynamicNet) -> None:
     """Return every gate of `net` to its learned decisions."""
     for _, _, gate in net.gates():
         gate.forced = None
@@ -153,7 +154,7 @@ def time_pairs(dense: Callable, dynamic: Callable, inputs: Callable[[int], torch
     return times
 
 
-def bench(net: nn.Module, dense: nn.Module, name: str, batch_sizes: Sequence[int], img_size: int,
+def bench(net: DynamicNet, dense: nn.Module, name: str, batch_sizes: Sequence[int], img_size: int,
           fraction: float | None = None, repeats: int = 10, warmup: int = 2, channels_last: bool = True,
           seed: int = 0, images: torch.Tensor | None = None, images_name: str = "random") -> list[BenchResult]:
     """Time the dense model against the gated model's runtime at each batch size.
@@ -206,7 +207,7 @@ def bench(net: nn.Module, dense: nn.Module, name: str, batch_sizes: Sequence[int
 
 
 def open_target(target: str, fraction: float | None, img_size: int | None,
-                profitable_only: bool = False) -> tuple[nn.Module, nn.Module, int]:
+                profitable_only: bool = False) -> tuple[DynamicNet, nn.Module, int]:
     """The gated model, its dense twin (same weights, no gates) and the input size to time them at.
 
     Args:

@@ -55,9 +55,9 @@ class FastResidual(GatedResidual):
         kept = int(keep.sum())
         if kept == n:  # the branch's output is its own new tensor: scaled and added in place
             return self.branch(x, *extra).mul_(scale.reshape(-1, 1, 1, 1)).add_(shortcut)
-        if kept == 0:
+        if kept == 0:  # a fresh tensor, as the add it replaces: the unit may write into it in place
             self._scatter_inner_decisions(keep.new_zeros(0, dtype=torch.long), n)
-            return shortcut
+            return shortcut.clone()
         idx = keep[:, 0].nonzero()[:, 0]
         y = self._branch_on(x, extra, idx).mul_(scale.index_select(0, idx).reshape(-1, 1, 1, 1))
         self._scatter_inner_decisions(idx, n)

@@ -44,23 +44,34 @@ def _measuring(norms: list[_BatchNorm]) -> Iterator[dict[_BatchNorm, _Moments]]:
 
     def forward(bn: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
         dims = tuple(d for d in range(x.dim()) if d != 1)
+        mean, var = bn.running_mean, bn.running_var  # one value per channel has no variance: as in evaluation
         if x.numel() // x.shape[1] > 1:
             moments[bn].add(x, dims)
             mean, var = x.mean(dims), x.var(dims, unbiased=False)
-        else:  # one value per channel has no variance: normalise as in evaluation
-            mean, var = bn.running_mean, bn.running_var
         x = F.batch_norm(x, mean, var, bn.weight, bn.bias, False, 0.0, bn.eps)
-        if hasattr(bn, "act"):  # timm's BatchNormAct2d
-            x = bn.act(bn.drop(x))
+        if hasattr(bn, "act"):  # timm's BatchNormAct2d: dropout and activation after the norm
+            x = bn.get_submodule("act")(bn.get_submodule("drop")(x))
         return x
 
     for bn in norms:
-        bn.forward = forward.__get__(bn)  # an instance attribute: the module's call uses it
+        vars(bn)["forward"] = forward.__get__(bn)  # an instance attribute: the module's call uses it
     try:
         yield moments
     finally:
         for bn in norms:
-            del bn.forward
+            del vars(bn)["forward"]
+
+
+def freeze_statistics(model: nn.Module) -> None:
+    """Normalise with the running statistics while the weights still train (until the next `train()` call).
+
+    Once decisions are hard, a block runs only on the images that keep it: at a low budget a few images of a batch,
+    at 1x1 resolution in a late stage. Their batch statistics are noise, and updating the running statistics from
+    them would undo the re-estimation; the backbone is tuned with the statistics it will use at inference.
+    """
+    for m in model.modules():
+        if isinstance(m, _BatchNorm):
+            m.eval()
 
 
 @torch.no_grad()
@@ -87,8 +98,8 @@ def reestimate_batchnorm(model: DynamicNet, data: DataLoader, images: int = 2000
         for bn, m in moments.items():
             if m.count:
                 mean, var = m.mean_var()
-                bn.running_mean.copy_(mean)
-                bn.running_var.copy_(var)
+                bn.get_buffer("running_mean").copy_(mean)
+                bn.get_buffer("running_var").copy_(var)
     finally:
         model.train(was_training)
     return seen

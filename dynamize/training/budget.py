@@ -97,7 +97,7 @@ def batch_shaping_loss(probs: Iterable[torch.Tensor], prior_mean: float, concent
         prior_mean: the share of images that should keep a unit (clamped to [0.05, 0.95]).
         concentration: a + b of the prior; below 1 it is U-shaped: most images clearly on or clearly off.
     """
-    probs = [p for p in probs if p is not None]
+    probs = list(probs)
     if not probs:
         return torch.zeros(())
     mean = round(min(0.95, max(0.05, prior_mean)), 2)

@@ -263,7 +263,7 @@ def datasets(spec: DataSpec, calib_size: int | None = None, train_subset: int = 
     return Splits(train, calib, evaluation)
 
 
-def eval_dataset(spec: DataSpec) -> Dataset:
+def eval_dataset(spec: DataSpec) -> "_Images | HeldOut":
     """The evaluation split alone (the same images as `datasets` gives)."""
     return _evaluation(spec, *_raw_splits(spec))[0]
 

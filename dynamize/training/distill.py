@@ -4,8 +4,8 @@ Training runs in two phases inside one resumable loop:
 1. gate learning: task CE + T^2 KL(teacher || student) + the budget terms; the FLOPs target anneals from 1.0 to
    the budget, the per-block bounds relax, batch shaping fades and the gates' noise decays to zero;
 2. settling (the last `settle_fraction` of the steps): at its first step the job's `settle` callback calibrates the
-   thresholds to the budget and re-estimates BatchNorm statistics; the gates are then frozen and the backbone is
-   fine-tuned with the deterministic decisions it will see at inference.
+   thresholds to the budget and re-estimates BatchNorm statistics; the gates and the BatchNorm statistics are then
+   frozen and the backbone is fine-tuned with the deterministic decisions and statistics it will see at inference.
 """
 from collections.abc import Callable
 
@@ -16,6 +16,7 @@ from torch import nn
 
 from ..graph.cost import flops_per_image
 from ..graph.rewrite import DynamicNet
+from .batchnorm import freeze_statistics
 from .budget import BudgetSchedule, batch_shaping_loss, block_densities, bounds_loss
 from .recipe import Recipe
 
@@ -67,6 +68,8 @@ class BudgetDistillationTask(LogitDistillationTask):
         if step == start and self.settle is not None:
             self.settle()
         self.settled = step >= start
+        if self.settled:
+            freeze_statistics(self.student)
         for _, _, gate in self.student.gates():
             gate.noise = 0.0 if self.settled else self.schedule.noise
             for p in gate.parameters():
@@ -82,7 +85,7 @@ class BudgetDistillationTask(LogitDistillationTask):
         budget = (frac.mean() - s.target) ** 2
         bounds = bounds_loss(block_densities(self.student), s.target, s.tightness)
         # A unit's share of images: the k-th root of the target when k kinds of gates multiply each other's cost.
-        probs = [gate.last_prob for _, _, gate in self.student.gates() if gate.is_active]
+        probs = [gate.last_prob for _, _, gate in self.student.gates() if gate.is_active and gate.last_prob is not None]
         shaping = batch_shaping_loss(probs, s.target ** (1 / self.kinds), SHAPING_CONCENTRATION)
         out["loss"] = (out["loss"] + r.budget_weight * budget + r.bounds_weight * bounds
                        + r.shaping_weight * s.shaping * shaping)

@@ -1,5 +1,6 @@
 """Accuracy, per-image FLOPs and adaptivity of a model on a data set, with its hard (evaluation) decisions."""
 from functools import lru_cache
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,7 +22,7 @@ def _code_weights(units: int) -> torch.Tensor:
 def decision_codes(model: DynamicNet) -> torch.Tensor:
     """One number per image of the last pass that differs between images whose decisions differ (a random
     projection of every active gate's 0/1 decisions), [batch]."""
-    keep = torch.cat([gate.last_keep > 0.5 for _, _, gate in model.gates() if gate.is_active], dim=1)
+    keep = torch.cat([gate.decisions > 0.5 for _, _, gate in model.gates() if gate.is_active], dim=1)
     return keep.double() @ _code_weights(keep.shape[1])
 
 
@@ -32,16 +33,16 @@ def predict(model: nn.Module, data: DataLoader) -> dict[str, torch.Tensor]:
     was_training = model.training
     model.eval()
     out: dict[str, list[torch.Tensor]] = {"labels": [], "top5": [], "fractions": [], "codes": []}
-    gated = isinstance(model, DynamicNet)
-    active = gated and any(gate.is_active for _, _, gate in model.gates())
+    net = model if isinstance(model, DynamicNet) else None
+    active = net is not None and any(gate.is_active for _, _, gate in net.gates())
     for images, target in data:
         logits = model(images)
         out["labels"].append(target)
         out["top5"].append(logits.topk(min(5, logits.shape[1]), dim=1).indices)
-        if gated:
-            out["fractions"].append(flops_per_image(model))
-        if active:
-            out["codes"].append(decision_codes(model))
+        if net is not None:
+            out["fractions"].append(flops_per_image(net))
+            if active:
+                out["codes"].append(decision_codes(net))
     model.train(was_training)
     return {k: torch.cat(v) for k, v in out.items() if v}
 
@@ -63,8 +64,8 @@ def summarize(pred: dict[str, torch.Tensor]) -> dict:
     """Top-1 / top-5 accuracy in percent and, for gated models, the FLOPs fraction's mean, quantiles and
     adaptivity (see `adaptivity`)."""
     hit = pred["top5"] == pred["labels"][:, None]
-    out = {"top1": 100 * hit[:, 0].float().mean().item(), "top5": 100 * hit.any(1).float().mean().item(),
-           "n": len(pred["labels"])}
+    out: dict[str, Any] = {"top1": 100 * hit[:, 0].float().mean().item(),
+                           "top5": 100 * hit.any(1).float().mean().item(), "n": len(pred["labels"])}
     if "fractions" in pred:
         a = adaptivity(pred["fractions"], pred.get("codes"))
         out.update(flops_mean=a.pop("mean"), flops_p95=a["p95"], adaptivity=a)

@@ -24,6 +24,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from safetensors.torch import load_file, save_file
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
+from timm.task import TrainingTask
 from timm.utils import unwrap_model
 from torch import nn
 
@@ -182,7 +183,7 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._old)
 
 
-def fit(task: nn.Module, model: nn.Module, train_ds, recipe: Recipe, out: Path, param_groups: list[dict], *,
+def fit(task: TrainingTask, model: nn.Module, train_ds, recipe: Recipe, out: Path, param_groups: list[dict], *,
         resume: bool = False, evaluate: Callable[[nn.Module], dict] | None = None,
         ddp: Distributed | None = None, console: Console | None = None) -> list[dict]:
     """Train `task` (a timm TrainingTask around `model`) and return the per-epoch metrics.
@@ -212,8 +213,10 @@ def fit(task: nn.Module, model: nn.Module, train_ds, recipe: Recipe, out: Path, 
     if steps_per_epoch < 1:
         raise TrainingError(f"the training split has {len(train_ds)} images, fewer than one batch of "
                             f"{recipe.batch_size} per process; lower batch_size")
-    scheduler, _ = create_scheduler_v2(optimizer, sched=recipe.sched, num_epochs=recipe.epochs,
-                                       warmup_epochs=recipe.warmup_epochs, step_on_epochs=False,
+    # timm annotates warmup_epochs as an int; stepping per update, it multiplies it by updates_per_epoch, so a
+    # fraction of an epoch works.
+    scheduler, _ = create_scheduler_v2(optimizer, sched=recipe.sched, num_epochs=recipe.epochs, step_on_epochs=False,
+                                       warmup_epochs=recipe.warmup_epochs,  # type: ignore[arg-type]
                                        updates_per_epoch=steps_per_epoch, warmup_lr=1e-6, min_lr=1e-6)
     total = recipe.epochs * steps_per_epoch
     on_step = getattr(task, "on_step", None)
@@ -239,8 +242,9 @@ def fit(task: nn.Module, model: nn.Module, train_ds, recipe: Recipe, out: Path, 
             task.train()
             sums = state.sums = state.sums or {"n": 0.0, "loss": 0.0, "top1": 0.0, "seconds": 0.0}
             start = time.time()
-            batches = loader(train_ds, recipe.batch_size, sampler, recipe.workers) \
-                if state.step_in_epoch < steps_per_epoch else []
+            batches: Iterable[tuple[torch.Tensor, torch.Tensor]] = []
+            if state.step_in_epoch < steps_per_epoch:
+                batches = loader(train_ds, recipe.batch_size, sampler, recipe.workers)
             for images, labels in batches:
                 if on_step is not None:
                     on_step(state.global_step, total)

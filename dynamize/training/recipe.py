@@ -117,7 +117,7 @@ def recipe_path(name_or_path: str) -> Path:
 
 def _merged(name_or_path: str | Path | None, overrides: list[str] | None, values: dict) -> dict:
     """The raw key -> value mapping of a recipe file, then `key=value` overrides, then explicit values."""
-    data = {}
+    data: dict = {}
     if name_or_path is not None:
         path = recipe_path(str(name_or_path))
         try:

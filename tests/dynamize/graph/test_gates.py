@@ -80,3 +80,14 @@ def test_a_group_without_a_shortcut_never_loses_all_of_its_channels():
         assert (net.channel_gate(g.name).last_keep.sum(1) == g.min_keep).all()
         assert (kept_train[g.name] == g.min_keep).all()
     assert out.std() > 0  # the signal still reaches the head
+
+
+def test_a_frozen_gate_that_skips_every_image_leaves_the_shortcut_untouched():
+    """The unit's in-place activation after the add must not write into the block's input (autograd needs it)."""
+    net = convert(randomize(timm.create_model("resnet18", num_classes=5)), img_size=32).train()
+    gate = net.block_gate("layer2.1")  # identity shortcut: the block's input comes from an in-place ReLU
+    gate.mlp.requires_grad_(False)  # frozen, as in the settle phase: skipped images never enter the branch
+    gate.forced = torch.zeros(1)
+    x = torch.randn(4, 3, 32, 32, requires_grad=True)
+    net(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

@@ -1,6 +1,8 @@
 """Budget-controlled distillation on a tiny model and data set: the gates reach the budget in training, then settle."""
 import timm
+import torch
 from helpers import make_image_folder, randomize
+from torch import nn
 
 import dynamize
 from dynamize.training.calibrate import mean_fraction
@@ -37,11 +39,19 @@ def test_gates_reach_the_budget_in_training(tmp_path):
 
 def test_settling_calibrates_once_then_freezes_the_gates(tmp_path):
     recipe, train, calib, student, teacher = _setup(tmp_path, budget=0.5, epochs=2, settle_fraction=0.5)
-    calls = []
-    task = BudgetDistillationTask(student, teacher, recipe, settle=lambda: calls.append(1))
+    calls, norm = [], next(m for m in student.modules() if isinstance(m, nn.BatchNorm2d))
+    settled_stats = {}
+
+    def settle():  # the statistics at settling are the ones inference uses: they stay
+        calls.append(1)
+        settled_stats.update(mean=norm.running_mean.clone(), weight=norm.weight.detach().clone())
+
+    task = BudgetDistillationTask(student, teacher, recipe, settle=settle)
     gate = next(g for _, _, g in student.gates())
     before = gate.mlp[-1].weight.clone()
     fit(task, student, train, recipe, tmp_path / "run", param_groups(student, recipe))
     assert calls == [1]
     assert task.settled and all(not g.learning and g.noise == 0.0 for _, _, g in student.gates())
     assert not (gate.mlp[-1].weight == before).all()  # it learned before settling
+    assert torch.equal(norm.running_mean, settled_stats["mean"])
+    assert not torch.equal(norm.weight, settled_stats["weight"])  # the backbone, norms' weights included, trains
