@@ -104,6 +104,17 @@ def test_training_and_gradients_use_the_masked_graph(model):
         handle.remove()
 
 
+def test_a_loaded_model_runs_the_fast_path_in_evaluation(model, tmp_path):
+    net, size = model
+    loaded = dynamize.load(dynamize.save(net, tmp_path / "run")).eval()
+    calls = []
+    for _, unit in loaded.units():
+        unit.fast.register_forward_hook(lambda *a: calls.append(1))
+    with torch.inference_mode():
+        loaded(torch.randn(2, 3, size, size))
+    assert len(calls) == len(list(loaded.units()))
+
+
 def test_skipped_branch_is_not_called():
     net = dynamize.convert(randomize(timm.create_model("resnet18", num_classes=7)), img_size=32).eval()
     batches = []
