@@ -171,11 +171,19 @@ def plan_model(model: nn.Module, *, gates: str = "both", img_size: int | None = 
 def _unprofitable(g: Graph, group: Group, groups: list[Group], flops: dict[str, int]) -> float | None:
     """MMACs per image that half of a group's channels would save, if that does not pay for its gate; else None."""
     macs = sum(flops.get(n.name, 0) for n in group.members + group.sinks) / 2 / group.channels
-    depthwise = [ops.module_of(g.gm, n) for n in group.members[1:] if ops.is_depthwise(ops.module_of(g.gm, n))]
+    layers = [m for m in (ops.module_of(g.gm, n) for n in group.members[1:]) if ops.is_depthwise(m)]
     upstream = any(group.producer in other.sinks for other in groups)
-    gather = channel_gather_macs(ops.module_of(g.gm, group.producer), depthwise,
-                                 [ops.module_of(g.gm, n) for n in group.sinks], group.channels, upstream)
+    gather = channel_gather_macs(_layer(g, group.producer), layers, [_layer(g, n) for n in group.sinks],
+                                 group.channels, upstream)
     return None if channel_gate_pays(macs, gather, group.channels) else macs * group.channels / 2 / 1e6
+
+
+def _layer(g: Graph, node: fx.Node) -> nn.Conv2d | nn.Linear:
+    """The convolution or linear layer of a group's producer or sink (the op table says it is one)."""
+    m = ops.module_of(g.gm, node)
+    if not isinstance(m, (nn.Conv2d, nn.Linear)):
+        raise TypeError(f"{node.name} is not a convolution or linear layer")
+    return m
 
 
 def _why_nothing(skipped: list[Skipped]) -> str:

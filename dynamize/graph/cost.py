@@ -99,8 +99,8 @@ def gather_macs(weights: int, kernel: int, both: bool = False) -> float:
     return weights * GATHER_MACS["chunks" if kernel > 1 else "floats"]
 
 
-def channel_gather_macs(producer: nn.Module, depthwise: Sequence[nn.Module], sinks: Sequence[nn.Module],
-                        channels: int, upstream: bool) -> float:
+def channel_gather_macs(producer: nn.Conv2d | nn.Linear, depthwise: Sequence[nn.Conv2d],
+                        sinks: Sequence[nn.Conv2d | nn.Linear], channels: int, upstream: bool) -> float:
     """Cost of gathering one kept channel's weights in every layer of a channel group: the producer's filter,
     the depthwise filters and the sinks' input columns.
 
@@ -109,7 +109,7 @@ def channel_gather_macs(producer: nn.Module, depthwise: Sequence[nn.Module], sin
         channels: channels of the group.
         upstream: the producer's inputs are another group's kept channels (kept inputs and outputs are gathered).
     """
-    def kernel(m: nn.Module) -> int:
+    def kernel(m: nn.Conv2d | nn.Linear) -> int:
         return m.weight[0, 0].numel() if isinstance(m, nn.Conv2d) else 1
 
     cost = gather_macs(producer.weight.numel() // channels, kernel(producer), both=upstream)

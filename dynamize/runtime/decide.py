@@ -13,6 +13,7 @@ The values that flow between the layers of a group are its *compact* tensors: [N
 channels-last groups), where channel j of image i is the group's channel `idx[i, j]` (`idx[0, j]` if shared).
 """
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -72,7 +73,8 @@ def decisions(gate: Gate, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     functional calls (a gate on a small map costs as much as the layers it saves, so its overhead counts)."""
     if not gate.is_active:
         return gate(pooled)
-    first, norm, _, last = gate.mlp
+    first, norm, last = (cast(nn.Linear, gate.mlp[0]), cast(nn.LayerNorm, gate.mlp[1]),
+                         cast(nn.Linear, gate.mlp[3]))
     h = torch.addmm(first.bias, pooled, first.weight.t())
     h = torch.layer_norm(h, norm.normalized_shape, norm.weight, norm.bias, norm.eps).relu_()
     out = torch.addmm(last.bias, h, last.weight.t())
@@ -137,4 +139,4 @@ class Decide(nn.Module):
         if n > 1:
             slowdown = 1.0 + PER_IMAGE_SIDE / area ** 0.5
             cost["per_image"] = n * per_image_k * (macs * slowdown + self.gather)
-        return min(cost, key=cost.get)
+        return min(cost, key=lambda layout: cost[layout])

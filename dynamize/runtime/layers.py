@@ -23,7 +23,7 @@ def _conv(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     """`conv`'s convolution with other weights (sliced, folded, one group per image)."""
     padding = conv.padding
     if isinstance(conv, Conv2dSame):
-        x, padding = pad_same(x, weight.shape[-2:], conv.stride, conv.dilation), (0, 0)
+        x, padding = pad_same(x, list(weight.shape[-2:]), list(conv.stride), list(conv.dilation)), (0, 0)
     if (_MKLDNN and x.device.type == "cpu" and x.dtype == torch.float32 and weight[0, 0].numel() > 1
             and not isinstance(padding, str)):
         # F.conv2d picks a reference kernel, 2-3x slower, for batch-1 inputs of under ~20k values with kernels
@@ -51,8 +51,8 @@ def _is_pointwise(layer: nn.Module) -> bool:
     """A layer that is one matrix product per pixel: a Linear, or a 1x1 convolution without stride or padding."""
     if isinstance(layer, nn.Linear):
         return True
-    return (layer.kernel_size == (1, 1) and layer.stride == (1, 1) and layer.groups == 1
-            and (isinstance(layer, Conv2dSame) or layer.padding == (0, 0)))
+    return bool(layer.kernel_size == (1, 1) and layer.stride == (1, 1) and layer.groups == 1
+                and (isinstance(layer, Conv2dSame) or layer.padding == (0, 0)))
 
 
 class SlicedLayer(nn.Module):
@@ -75,45 +75,48 @@ class SlicedLayer(nn.Module):
         weight, bias = packed.weight, packed.bias
         in_idx = inp.idx if inp is not None else None
         out_idx = out.idx if out is not None else None
-        if in_idx is not None and out_idx is None and self._scatter_is_cheaper(x, inp):
+        if inp is not None and in_idx is not None and out_idx is None and self._scatter_is_cheaper(x, inp, in_idx):
             x, in_idx = _scatter(x, inp), None
+        layer = self.layer
         if in_idx is None and out_idx is None:
-            if isinstance(self.layer, nn.Linear):
+            if isinstance(layer, nn.Linear):
                 return F.linear(x, weight, bias)
             use_cl = packed.channels_last is not None and is_channels_last(x)
-            return _conv(self.layer, x, packed.channels_last if use_cl else weight, bias, groups=1)
+            return _conv(layer, x, packed.channels_last if use_cl and packed.channels_last is not None else weight,
+                         bias, groups=1)
         if out_idx is not None and bias is not None:
             bias = _rows(bias, out_idx)  # [G, Ko]
-        per_image = (inp is not None and inp.per_image) or (out is not None and out.per_image)
+        per_image = any(k is not None and k.per_image for k in (inp, out))
         # Outputs keep the input's memory format; per-image compact inputs come in the model's.
-        channels_last = (inp if inp is not None else out).channels_last if per_image else is_channels_last(x)
-        if self.pointwise:
+        model_cl = any(k is not None and k.channels_last for k in (inp, out))
+        channels_last = model_cl if per_image else is_channels_last(x)
+        if self.pointwise or isinstance(layer, nn.Linear):
             return self._pointwise(x, _pointwise_weight(weight, packed.transposed, in_idx, out_idx), bias,
                                    channels_last)
-        if in_idx is None and packed.channels_last is not None and channels_last:
+        if in_idx is None and out_idx is not None and packed.channels_last is not None and channels_last:
             # Kept filters of the channels-last copy: rows of its [out, kh, kw, in] storage, still channels-last.
             weight = _rows(packed.channels_last.permute(0, 2, 3, 1), out_idx).permute(0, 1, 4, 2, 3)
         else:
             weight = _gather(weight, in_idx, out_idx)
         if not per_image:
-            return _conv_gathered(self.layer, x, weight[0], bias if bias is None else bias.reshape(-1))
+            return _conv_gathered(layer, x, weight[0], bias if bias is None else bias.reshape(-1))
         n = x.shape[0]
         bias = bias if bias is None else bias.expand(n, -1)  # [O] or [G, Ko]
         if channels_last:  # image by image: batch-1 channels-last convolutions run as fast as batched ones
-            return torch.cat([_conv(self.layer, x[i:i + 1], weight[i if weight.shape[0] > 1 else 0],
+            return torch.cat([_conv(layer, x[i:i + 1], weight[i if weight.shape[0] > 1 else 0],
                                     bias if bias is None else bias[i], groups=1) for i in range(n)])
         # One convolution group per image: the images side by side along the channels of a single NCHW image.
-        y = _conv(self.layer, x.contiguous().reshape(1, -1, *x.shape[2:]), weight.reshape(-1, *weight.shape[2:]),
+        y = _conv(layer, x.contiguous().reshape(1, -1, *x.shape[2:]), weight.reshape(-1, *weight.shape[2:]),
                   bias if bias is None else bias.reshape(-1), groups=n)
         return y.reshape(n, -1, *y.shape[2:])
 
-    def _scatter_is_cheaper(self, x: torch.Tensor, inp: Kept) -> bool:
+    def _scatter_is_cheaper(self, x: torch.Tensor, inp: Kept, in_idx: torch.Tensor) -> bool:
         """For a layer gated on its inputs only: is running it on all inputs (zeros for the dropped ones) cheaper
         than gathering the kept input columns of its weights? True on tiny maps (squeeze-excite, late stages)."""
-        k = inp.idx.shape[1]
+        k = in_idx.shape[1]
         pixels = x.shape[2] * x.shape[3] if inp.axis == 1 else x.shape[1] * x.shape[2]
         kernel = 1 if self.pointwise else self.layer.weight[0, 0].numel()
-        return x.shape[0] * pixels * (inp.channels - k) < inp.idx.shape[0] * gather_macs(k, kernel, kernel > 1)
+        return x.shape[0] * pixels * (inp.channels - k) < in_idx.shape[0] * gather_macs(k, kernel, kernel > 1)
 
     def _pointwise(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
                    channels_last: bool) -> torch.Tensor:
@@ -148,13 +151,15 @@ def _matmul_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) ->
     return torch.bmm(x, wt) if bias is None else torch.baddbmm(bias.reshape(-1, 1, bias.shape[-1]), x, wt)
 
 
-def _pointwise_weight(weight: torch.Tensor, weight_t: torch.Tensor, in_idx: torch.Tensor | None,
+def _pointwise_weight(weight: torch.Tensor, weight_t: torch.Tensor | None, in_idx: torch.Tensor | None,
                       out_idx: torch.Tensor | None) -> torch.Tensor:
     """[G, Ko, Ki] weights of a pointwise layer; kept inputs alone are gathered as rows of the transposed copy."""
     w = weight.reshape(weight.shape[0], -1)
     if in_idx is None:
-        return _rows(w, out_idx)
+        return w[None] if out_idx is None else _rows(w, out_idx)
     if out_idx is None:
+        if weight_t is None:
+            raise ValueError("gathering kept inputs needs the transposed weights: folded(..., transposed=True)")
         return _rows(weight_t.reshape(weight_t.shape[0], -1), in_idx).transpose(1, 2)
     w = _rows(w, out_idx)  # then the kept inputs, one float at a time: the rare 1x1 layer gated on both sides
     if in_idx.shape[0] == 1:
@@ -169,7 +174,7 @@ def _gather(weight: torch.Tensor, in_idx: torch.Tensor | None, out_idx: torch.Te
     """
     o, i = weight.shape[:2]
     if in_idx is None:
-        return _rows(weight, out_idx)
+        return weight[None] if out_idx is None else _rows(weight, out_idx)
     rows = out_idx if out_idx is not None else torch.arange(o, device=weight.device)[None]
     flat = rows[:, :, None] * i + in_idx[:, None, :]
     chunks = weight.reshape(o * i, -1)
@@ -179,6 +184,8 @@ def _gather(weight: torch.Tensor, in_idx: torch.Tensor | None, out_idx: torch.Te
 
 def _scatter(x: torch.Tensor, kept: Kept) -> torch.Tensor:
     """A compact tensor back at full width, zero on the channels that were not computed."""
+    if kept.idx is None:
+        return x
     shape = list(x.shape)
     shape[kept.axis] = kept.channels
     full = x.new_zeros(shape)
@@ -246,7 +253,9 @@ class SlicedNorm(nn.Module):
             scale, shift = scale[None], shift[None]
         scale, shift = kept.view(scale), kept.view(shift)
         x = torch.addcmul(shift, x, scale)
-        return self.bn.act(self.bn.drop(x)) if hasattr(self.bn, "act") else x
+        if hasattr(self.bn, "act"):  # timm's BatchNormAct2d
+            x = self.bn.get_submodule("act")(self.bn.get_submodule("drop")(x))
+        return x
 
 
 class Scale(nn.Module):

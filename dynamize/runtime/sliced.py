@@ -11,21 +11,26 @@ updates.
 """
 import copy
 import itertools
+from collections.abc import Mapping
+from typing import TypeVar, cast
 
 import torch
 from timm.layers import DropBlock2d, DropPath
 from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..graph import ops
 from ..graph.cost import channel_gather_macs
-from ..graph.gates import Gate, GatedResidual, GatePool
+from ..graph.gates import ChannelGate, Gate, GatedResidual, GatePool
 from ..graph.ops import Role
 from ..graph.plan import ChannelGroup
-from ..graph.rewrite import DynamicUnit, gate_key, set_fast_path_compiler
+from ..graph.rewrite import DynamicNet, DynamicUnit, gate_key, set_fast_path_compiler, submodule
+from ..graph.trace import target_path
 from .decide import Decide, decisions
 from .layers import CompactPool, FoldedConv, Scale, ScaleBy, SlicedDepthwise, SlicedLayer, SlicedNorm
 
 CHANNEL_MODES = ("auto", "union", "split")
+_M = TypeVar("_M", bound=nn.Module)
 # Modules that return their input in evaluation: the fast graph does not call them.
 _NO_OPS = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, DropPath, DropBlock2d)
 
@@ -39,22 +44,22 @@ class FastResidual(GatedResidual):
     @classmethod
     def of(cls, res: GatedResidual, branch: nn.Module) -> "FastResidual":
         """A copy of `res` that shares its gate and runs `branch`."""
-        new = copy.copy(res)
+        new = cast(FastResidual, copy.copy(res))
         new.__class__ = cls
         new._modules = {**res._modules, "branch": branch}  # the gate stays shared; modules() reaches the branch
         new.set_branch(branch)
-        new.inner = [m for m in branch.modules() if isinstance(m, Gate)]
+        new.__dict__["inner"] = [m for m in branch.modules() if isinstance(m, Gate)]
         return new
 
-    def _inner_gates(self):
-        return self.inner
+    def _inner_gates(self) -> list[Gate]:
+        return self.__dict__["inner"]
 
     def forward(self, x: torch.Tensor, shortcut: torch.Tensor, pooled: torch.Tensor, *extra) -> torch.Tensor:
         keep, scale = decisions(self.gate, pooled)
         n = x.shape[0]
         kept = int(keep.sum())
         if kept == n:  # the branch's output is its own new tensor: scaled and added in place
-            return self.branch(x, *extra).mul_(scale.reshape(-1, 1, 1, 1)).add_(shortcut)
+            return self._run_branch(x, *extra).mul_(scale.reshape(-1, 1, 1, 1)).add_(shortcut)
         if kept == 0:  # a fresh tensor, as the add it replaces: the unit may write into it in place
             self._scatter_inner_decisions(keep.new_zeros(0, dtype=torch.long), n)
             return shortcut.clone()
@@ -89,6 +94,26 @@ def _flat(t: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
+def _module(gm: fx.GraphModule, node: fx.Node, cls: type[_M]) -> _M:
+    """The module a `call_module` node calls, which the op table says is a `cls`."""
+    return submodule(gm, target_path(node), cls)
+
+
+def _layer(gm: fx.GraphModule, node: fx.Node) -> nn.Conv2d | nn.Linear:
+    """The convolution or linear layer a producer or sink node calls."""
+    m = ops.module_of(gm, node)
+    if not isinstance(m, (nn.Conv2d, nn.Linear)):  # the analysis reads the same op table: a bug if reached
+        raise RuntimeError(f"{node.name} is not a convolution or linear layer")
+    return m
+
+
+def _node(arg: fx.node.Argument) -> fx.Node:
+    """A node's argument that is another node (the input of a layer or norm)."""
+    if not isinstance(arg, fx.Node):
+        raise TypeError(f"{arg!r} is not a graph node")
+    return arg
+
+
 class _GroupSites:
     """The nodes of one channel group in one unit graph, and what each of them is in the op table."""
 
@@ -119,10 +144,10 @@ class _GroupSites:
 def _decide(gm: fx.GraphModule, site: _GroupSites, upstream: bool, mode: str) -> Decide:
     """The group's Decide, with the group's costs per channel: its MACs from the plan, and gathering its weights."""
     group = site.group
-    depthwise = [ops.module_of(gm, n) for n in site.members if ops.is_depthwise(ops.module_of(gm, n))]
-    gather = channel_gather_macs(gm.get_submodule(site.producer.target), depthwise,
-                                 [gm.get_submodule(n.target) for n in site.sinks], group.channels, upstream)
-    gate = gm.get_submodule(site.gate.target).gate
+    depthwise = [_module(gm, n, nn.Conv2d) for n in site.members if ops.is_depthwise(ops.module_of(gm, n))]
+    gather = channel_gather_macs(_layer(gm, site.producer), depthwise, [_layer(gm, n) for n in site.sinks],
+                                 group.channels, upstream)
+    gate = _module(gm, site.gate, ChannelGate).gate
     return Decide(gate, group.axis, group.flops / 2 / group.channels, group.pool_flops / group.in_channels, gather,
                   mode)
 
@@ -133,11 +158,11 @@ def _folds(gm: fx.GraphModule, site: _GroupSites) -> dict[fx.Node, fx.Node]:
     folds = {}
     for n in site.members:
         if ops.is_running_batchnorm(ops.module_of(gm, n)):
-            conv = n.args[0]
+            conv = _node(n.args[0])
             if conv is site.producer or (conv in site.members and ops.is_depthwise(ops.module_of(gm, conv))):
                 folds[conv] = n
     for sink in site.sinks:
-        if isinstance(gm.get_submodule(sink.target), nn.Conv2d) and len(sink.users) == 1:
+        if isinstance(ops.module_of(gm, sink), nn.Conv2d) and len(sink.users) == 1:
             (user,) = sink.users
             if ops.is_running_batchnorm(ops.module_of(gm, user)) and user.args[0] is sink and len(user.args) == 1:
                 folds[sink] = user
@@ -162,7 +187,7 @@ def _slice_groups(gm: fx.GraphModule, groups: list[ChannelGroup], mode: str) -> 
         gm.add_submodule(f"runtime.{name}", module)
         return f"runtime.{name}"
 
-    compact_of = {n: s for s in sites for n in s.compact}
+    compact_of: dict[fx.Node, _GroupSites | None] = {n: s for s in sites for n in s.compact}
     sink_of = {n: s for s in sites for n in s.sinks}
     kept: dict[str, fx.Node] = {}
     for s in sites:
@@ -180,22 +205,24 @@ def _slice_groups(gm: fx.GraphModule, groups: list[ChannelGroup], mode: str) -> 
         own, src, pooled = compact_of.get(n), sink_of.get(n), pool_of.get(n)
         if own is None and src is None and pooled is None and n not in folded:
             continue
-        module = ops.module_of(gm, n)
-        norm = gm.get_submodule(folds[n].target) if n in folds else None
+        norm = _module(gm, folds[n], _BatchNorm) if n in folds else None
         k = kept[own.group.name] if own else None
+        call: tuple[nn.Module, tuple[fx.node.Argument, ...]] | None
         if pooled is not None:
             call = CompactPool(pooled.group.axis), (n.args[0], kept[pooled.group.name])
         elif n in producer_of or (src and own is None):
-            call = SlicedLayer(module, norm), (n.args[0], kept[src.group.name] if src else None, k)
+            call = SlicedLayer(_layer(gm, n), norm), (n.args[0], kept[src.group.name] if src else None, k)
         elif own is not None and n is own.gate:
             call = Scale(), (n.args[1], k)
         elif n in folded:
             _drop_folded_norm(gm, n)
             continue
-        else:
+        elif own is not None and k is not None:
             call = _sliced(gm, n, own.group.axis, k, compact_of, norm)
-            if call is None:  # elementwise ops and the squeeze run on compact tensors as they are
-                continue
+        else:
+            call = None
+        if call is None:  # elementwise ops and the squeeze run on compact tensors as they are
+            continue
         with graph.inserting_before(n):
             new = graph.call_module(add(n.name, call[0]), call[1])
         n.replace_all_uses_with(new)
@@ -205,11 +232,11 @@ def _slice_groups(gm: fx.GraphModule, groups: list[ChannelGroup], mode: str) -> 
 
 def _drop_folded_norm(gm: fx.GraphModule, n: fx.Node) -> None:
     """Remove the call of a norm folded into the convolution before it; timm's fused drop + act, if any, stay."""
-    module, out = gm.get_submodule(n.target), n.args[0]
+    module, out = _module(gm, n, nn.Module), _node(n.args[0])
     for part in ("drop", "act"):
         if isinstance(getattr(module, part, None), nn.Module):
             with gm.graph.inserting_before(n):
-                out = gm.graph.call_module(f"{n.target}.{part}", (out,))
+                out = gm.graph.call_module(f"{target_path(n)}.{part}", (out,))
     n.replace_all_uses_with(out)
     gm.graph.erase_node(n)
 
@@ -218,14 +245,15 @@ def _fold_norms(gm: fx.GraphModule) -> None:
     """Fold each evaluation-mode BatchNorm that follows a plain convolution outside the channel groups (shortcut
     projections, ungated layers) into that convolution: one pass over the map less per norm."""
     for n in list(gm.graph.nodes):
-        if n.op != "call_module" or n.target.startswith("runtime.") or len(n.users) != 1:
+        if n.op != "call_module" or target_path(n).startswith("runtime.") or len(n.users) != 1:
             continue
-        conv = gm.get_submodule(n.target)
+        conv = ops.module_of(gm, n)
         (user,) = n.users
-        if not ops.is_plain_conv(conv) or user.op != "call_module" or len(user.args) != 1 or user.kwargs:
+        if not isinstance(conv, nn.Conv2d) or not ops.is_plain_conv(conv) or user.op != "call_module" \
+                or len(user.args) != 1 or user.kwargs:
             continue
-        norm = gm.get_submodule(user.target)
-        if not ops.is_running_batchnorm(norm):
+        norm = ops.module_of(gm, user)
+        if not isinstance(norm, _BatchNorm) or not ops.is_running_batchnorm(norm):
             continue
         gm.add_submodule(f"runtime.{n.name}", FoldedConv(conv, norm))
         with gm.graph.inserting_before(n):
@@ -235,22 +263,25 @@ def _fold_norms(gm: fx.GraphModule) -> None:
         _drop_folded_norm(gm, user)
 
 
-def _sliced(gm: fx.GraphModule, n: fx.Node, axis: int, k: fx.Node, compact_of, norm: nn.Module | None):
+def _sliced(gm: fx.GraphModule, n: fx.Node, axis: int, k: fx.Node, compact_of: Mapping[fx.Node, object],
+            norm: _BatchNorm | None) -> tuple[nn.Module, tuple[fx.node.Argument, ...]] | None:
     """The runtime module and arguments for a per-channel op of a group, by its role in the op table."""
     role = ops.role(gm, n, axis)
     m = ops.module_of(gm, n)
     if role is Role.RESCALE:
         x, other = n.args if n.args[0] in compact_of else n.args[::-1]
         return ScaleBy(), (x, other, k)
-    if role is Role.CHANNELWISE:
-        return (SlicedDepthwise(m, norm) if ops.is_depthwise(m) else SlicedNorm(m)), (n.args[0], k)
+    if role is Role.CHANNELWISE:  # a depthwise convolution or a running BatchNorm (ops.role)
+        if isinstance(m, nn.Conv2d) and ops.is_depthwise(m):
+            return SlicedDepthwise(m, norm), (n.args[0], k)
+        return SlicedNorm(cast(_BatchNorm, m)), (n.args[0], k)
     return None
 
 
 def _drop_no_ops(gm: fx.GraphModule) -> None:
     """Remove the calls of modules that return their input in evaluation (identities, dropouts, drop paths)."""
     for n in list(gm.graph.nodes):
-        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), _NO_OPS) and len(n.args) == 1 \
+        if n.op == "call_module" and isinstance(ops.module_of(gm, n), _NO_OPS) and len(n.args) == 1 \
                 and not n.kwargs:
             n.replace_all_uses_with(n.args[0])
             gm.graph.erase_node(n)
@@ -262,9 +293,9 @@ def _compile_graph(gm: fx.GraphModule, groups: list[ChannelGroup], mode: str) ->
     graph.output(graph.graph_copy(gm.graph, {}))
     new = fx.GraphModule(gm, graph, "Runtime")
     for n in graph.nodes:
-        if n.op == "call_module" and isinstance(new.get_submodule(n.target), GatedResidual):
-            res = new.get_submodule(n.target)
-            new.add_submodule(n.target, FastResidual.of(res, _compile_graph(res.branch, groups, mode)))
+        if n.op == "call_module" and isinstance(res := ops.module_of(new, n), GatedResidual):
+            branch = cast(fx.GraphModule, res.branch)  # DynamicUnit._assemble sets every branch to a GraphModule
+            new.add_submodule(target_path(n), FastResidual.of(res, _compile_graph(branch, groups, mode)))
     _slice_groups(new, groups, mode)
     _fold_norms(new)
     _drop_no_ops(new)
@@ -291,7 +322,7 @@ def compile_unit(unit: DynamicUnit, groups: list[ChannelGroup], mode: str = "aut
     return _compile_graph(unit.masked, groups, mode)
 
 
-def use_runtime(net: nn.Module, mode: str | None = "auto") -> nn.Module:
+def use_runtime(net: DynamicNet, mode: str | None = "auto") -> DynamicNet:
     """Make `net` run the hard inference path in evaluation without gradients (None: always the masked graph).
 
     Training, and evaluation with gradients, keep the masked graph. The fast graphs are built on first use and
