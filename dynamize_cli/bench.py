@@ -65,6 +65,8 @@ def bench(
     repeats: int = typer.Option(10, help="timed passes per model and configuration", callback=in_range("repeats")),
     warmup: int = typer.Option(2, help="untimed passes first", callback=in_range("warmup")),
     channels_last: bool = typer.Option(True, "--channels-last/--no-channels-last", help="memory format of both"),
+    profitable_only: bool = typer.Option(False, "--profitable-only", help="a model name is converted without the "
+                                         "channel gates that cannot pay for themselves (see `convert`)"),
     json_out: Path | None = typer.Option(None, "--json", help="also write the results to this JSON file"),
 ) -> None:
     """Time the original dense model against the dynamic one (the fast path of `dynamize.load`): median ms with
@@ -73,7 +75,7 @@ def bench(
     if threads:
         torch.set_num_threads(threads)
     with console.status(f"loading {target}"):
-        net, dense, size = open_target(target, fraction, img_size)
+        net, dense, size = open_target(target, fraction, img_size, profitable_only)
         images = None
         if data is not None:
             images, size = sample_images(target, data, IMAGES_PER_BATCH * max(batch_size), net.plan.input_size[0],

@@ -141,3 +141,16 @@ def test_norm_free_blocks_get_layer_gates():
     with torch.no_grad():
         ref = base(x)
         assert (net(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_profitable_only_leaves_out_channel_gates_on_small_maps():
+    model = timm.create_model("mobilenetv3_small_100")
+    every = dynamize.plan_model(model, img_size=224)
+    profitable = dynamize.plan_model(model, img_size=224, profitable_only=True)
+    left_out = {s.where for s in profitable.skipped if "pay for itself" in s.reason}
+    assert left_out and {g.name for g in profitable.groups} == {g.name for g in every.groups} - left_out
+    assert profitable.blocks == every.blocks
+    # A ResNet's channels at 224 px are worth gating: every group stays.
+    resnet = timm.create_model("resnet18")
+    assert len(dynamize.plan_model(resnet, img_size=224, profitable_only=True).groups) == \
+        len(dynamize.plan_model(resnet, img_size=224).groups)
