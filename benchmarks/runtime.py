@@ -1,10 +1,11 @@
 """Runtime benchmark: the wall-clock targets of the runtime (issue 11), dense timm models against the fast path.
 
 Each configuration converts a random-init timm model (timing does not depend on the weights' values) at 224 px,
-without the channel gates that cannot pay for themselves (`profitable_only`; `--all-gates` keeps them), and times it with `dynamize.runtime.bench.bench`, the code behind `dynamize bench`: dense and dynamic passes alternate in
-one process, every pass draws new random images and new random decisions at the FLOPs fraction asked, and the
-speedup is the median over passes of dense / dynamic time, with its 10th and 90th percentiles. Learned runs
-(`--runs`, e.g. the Fashion-MNIST sweep) are timed with their learned decisions on test images of `--data`.
+without the channel gates that cannot pay for themselves (`profitable_only`; `--all-gates` keeps them), and times
+it with `dynamize.runtime.bench.bench`, the code behind `dynamize bench`: dense and dynamic passes alternate in one
+process, every pass draws new random images and new random decisions at the FLOPs fraction asked, and the speedup
+is the median over passes of dense / dynamic time, with its 10th and 90th percentiles. Learned runs (`--runs`, e.g.
+the Fashion-MNIST sweep) are timed with their learned decisions on test images of `--data`.
 
     PYTHONPATH=. .venv/bin/python benchmarks/runtime.py --threads 2 --json docs/runtime.json \\
         --runs ~/.cache/dynamize/sweeps/resnet18/LC-b0.50 ~/.cache/dynamize/sweeps/resnet18/LC-b0.25
