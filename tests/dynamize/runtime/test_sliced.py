@@ -131,6 +131,20 @@ def test_skipped_branch_is_not_called():
     assert batches == [2, 3]  # never for the skipped batch; only the two images that keep the block
 
 
+def test_a_skipped_block_leaves_its_input_alone():
+    net = dynamize.convert(randomize(timm.create_model("resnet18", num_classes=7)), img_size=32).eval()
+    unit, gate = net.get_submodule("layer1.1"), net.block_gate("layer1.1")
+    x = torch.randn(2, 64, 8, 8)
+    before = x.clone()
+    gate.forced = torch.zeros(1)
+    try:
+        with torch.no_grad():
+            out = unit(x)  # the unit's in-place ReLU runs on what the skipped block returns
+    finally:
+        gate.forced = None
+    assert torch.equal(x, before) and torch.equal(out, before.relu())
+
+
 def _decisions(model, batch, forced_rows):
     """The Kept of every Decide of the model's fast path for one pass with the given forced decisions."""
     net, size = model
