@@ -1,10 +1,13 @@
 """BatchNorm statistics re-estimated for the decisions a model will make at inference.
 
-Running statistics are averaged over training batches whose decisions were noisy and computed every branch for
-every image; after calibration (or any threshold change) they no longer describe what the layers see. As in OFA's
-`set_running_statistics` and slimmable networks' BN calibration, they are recomputed on about 2,000 training images
-with the deterministic decisions. Each skipped block sees only the images that run it, so a norm sees a different
-number of images in every batch: the statistics are accumulated per value, not per batch, to be the exact average.
+Running statistics are averaged over training batches whose decisions were noisy; after calibration (or any
+threshold change) they no longer describe what the layers see. As in OFA's `set_running_statistics` and slimmable
+networks' BN calibration, they are recomputed on about 2,000 training images with the deterministic decisions.
+A residual branch runs on every image, as while the gates learned: its norms learned to normalise with the
+statistics of all images, and the images its gate keeps are a chosen, not a random, subset (with the statistics of
+the kept images alone, ResNet-18 L-only at budget 0.25 fell from 91.9% to 81.5% on Fashion-MNIST). A norm sees a
+different number of values in every batch where spatial sizes differ: the statistics are accumulated per value, not
+per batch, to be the exact average.
 """
 import contextlib
 from collections.abc import Iterator
@@ -14,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..graph.gates import GatedResidual
 from ..graph.rewrite import DynamicNet
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
@@ -35,6 +39,19 @@ class _Moments:
         mean = self.sum / self.count
         var = (self.sumsq / self.count - mean ** 2).clamp_min(0) * self.count / max(1, self.count - 1)
         return mean, var
+
+
+@contextlib.contextmanager
+def _every_image(model: nn.Module) -> Iterator[None]:
+    """Residual branches run on every image, as while the gates learned (their decisions still apply)."""
+    gated = [m for m in model.modules() if isinstance(m, GatedResidual)]
+    for m in gated:
+        m.every_image = True
+    try:
+        yield
+    finally:
+        for m in gated:
+            m.every_image = False
 
 
 @contextlib.contextmanager
@@ -89,7 +106,7 @@ def reestimate_batchnorm(model: DynamicNet, data: DataLoader, images: int = 2000
     model.eval()
     seen = 0
     try:
-        with model.masked_path(), _measuring(norms) as moments:
+        with model.masked_path(), _every_image(model), _measuring(norms) as moments:
             for batch, _ in data:
                 if seen and seen + len(batch) > images:
                     break
