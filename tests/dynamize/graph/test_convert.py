@@ -55,7 +55,10 @@ def test_convert_exact_and_round_trip(name, tmp_path):
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         ref, out = base(x), net(x)
-    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+        masked = dynamize.use_runtime(net, None)(x)
+        dynamize.use_runtime(net)
+    assert (masked - ref).abs().max() <= 1e-5 * ref.abs().max()  # the gated graph computes what the model did
+    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()  # so does the fast path, its norms folded: rounding
 
     plan = net.plan
     has_residual = not any("no residual adds" in s.reason for s in plan.skipped)
