@@ -1,53 +1,118 @@
-"""Runtime benchmark: dense timm models against dynamize's hard inference path on the CPU.
+"""Runtime benchmark: the wall-clock targets of the runtime (issue 11), dense timm models against the fast path.
 
-Times resnet50, mobilenetv3_large_100 and efficientnet_b0 at 224 px with forced random decisions at FLOPs fractions
-0.3 / 0.5 / 0.7, at batch 1 and 32, with 2 torch threads; prints a table and writes JSON. Random weights (no
-download): timing does not depend on the weights' values.
+Each configuration converts a random-init timm model (timing does not depend on the weights' values) at 224 px,
+without the channel gates that cannot pay for themselves (`profitable_only`; `--all-gates` keeps them), and times
+it with `dynamize.runtime.bench.bench`, the code behind `dynamize bench`: dense and dynamic passes alternate in one
+process, every pass draws new random images and new random decisions at the FLOPs fraction asked, and the speedup
+is the median over passes of dense / dynamic time, with its 10th and 90th percentiles. Learned runs (`--runs`, e.g.
+the Fashion-MNIST sweep) are timed with their learned decisions on test images of `--data`.
 
-    .venv/bin/python benchmarks/runtime.py --json benchmarks/runtime.json
+    PYTHONPATH=. .venv/bin/python benchmarks/runtime.py --threads 2 --json docs/runtime.json \\
+        --runs ~/.cache/dynamize/sweeps/resnet18/LC-b0.50 ~/.cache/dynamize/sweeps/resnet18/LC-b0.25
 """
 import argparse
+import json
 import platform
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.table import Table
 
 import dynamize
-from dynamize.runtime.bench import bench, open_target, write_results
-from dynamize_cli.bench import results_table
+from dynamize.runtime.bench import BenchResult, bench, open_target
+from dynamize_cli.bench import IMAGES_PER_BATCH, sample_images
 
-MODELS = ("resnet50", "mobilenetv3_large_100", "efficientnet_b0")
-FRACTIONS = (0.3, 0.5, 0.7)
-BATCH_SIZES = (1, 32)
+
+@dataclass(frozen=True)
+class Target:
+    """A configuration and what it must reach: `share` of the ideal speedup, or `dense` (speedup >= threshold)."""
+    model: str
+    fraction: float
+    batch: int
+    kind: str
+    threshold: float
+
+    def met(self, r: BenchResult) -> bool:
+        return self.measured(r) >= self.threshold
+
+    def measured(self, r: BenchResult) -> float:
+        return r.speedup / r.ideal if self.kind == "share" else r.speedup
+
+    def __str__(self) -> str:
+        return f">= {self.threshold} x ideal" if self.kind == "share" else f">= {self.threshold}x (not slower)"
+
+
+TARGETS = [
+    Target("resnet50", 0.5, 1, "share", 0.8),
+    Target("resnet50", 0.5, 32, "share", 0.6),
+    *[Target(m, 0.9, b, "dense", 0.97) for m in ("resnet50", "mobilenetv3_large_100", "efficientnet_b0")
+      for b in (1, 32)],
+    Target("mobilenetv3_large_100", 0.5, 1, "share", 0.6),
+    Target("efficientnet_b0", 0.5, 1, "share", 0.6),
+]
+
+
+def table(rows: list[tuple[BenchResult, str, str]], title: str) -> Table:
+    t = Table(title=title, title_justify="left")
+    for col in ("model", "batch", "FLOPs fraction", "dense ms (p10-p90)", "dynamic ms (p10-p90)",
+                "speedup (p10-p90)", "ideal", "share of ideal", "target", "met"):
+        t.add_column(col, justify="left" if col in ("model", "target") else "right")
+    for r, target, met in rows:
+        t.add_row(r.model, str(r.batch_size), f"{r.fraction:.3f}",
+                  f"{r.dense_ms:.1f} ({r.dense_p10:.1f}-{r.dense_p90:.1f})",
+                  f"{r.dynamic_ms:.1f} ({r.dynamic_p10:.1f}-{r.dynamic_p90:.1f})",
+                  f"{r.speedup:.2f}x ({r.speedup_p10:.2f}-{r.speedup_p90:.2f})", f"{r.ideal:.2f}x",
+                  f"{r.speedup / r.ideal:.2f}", target, met)
+    return t
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=MODELS)
-    parser.add_argument("--fractions", nargs="+", type=float, default=FRACTIONS)
-    parser.add_argument("--batch-sizes", nargs="+", type=int, default=BATCH_SIZES)
-    parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5, help="timed passes per model and configuration")
+    parser.add_argument("--repeats", type=int, default=10, help="timed passes per model and configuration")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--models", nargs="+", help="only the targets of these models")
+    parser.add_argument("--all-gates", action="store_true", help="convert with every gate, also those that cannot "
+                                                                  "pay for themselves (default: profitable_only)")
+    parser.add_argument("--runs", nargs="*", default=[], help="learned run directories to time on test images")
+    parser.add_argument("--data", default="fashion-mnist", help="data set whose test images the runs are timed on")
     parser.add_argument("--json", default="runtime-bench.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    console = Console(width=120)
-    machine = platform.processor() or platform.machine()
-    console.print(f"dynamize {dynamize.__version__}, torch {torch.__version__}, {machine}"
-                  f", {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d %H:%M')}")
-    results = []
-    for model in args.models:
-        for fraction in args.fractions:
-            net, dense, size = open_target(model, fraction, args.img_size)
-            for batch in args.batch_sizes:
-                # Fewer passes at batch 32: each takes seconds, and the median of a few is already stable.
-                repeats = args.repeats if batch < 8 else max(2, args.repeats // 2)
-                results += bench(net, dense, model, [batch], size, fraction=fraction, repeats=repeats, warmup=1)
-                console.print(results_table(results[-1:], f"{model} @ {fraction}"))
-    console.print(results_table(results, f"Runtime: {args.img_size}px, {args.threads} threads, random decisions"))
-    write_results(args.json, results)
+    console = Console(width=160)
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    machine = {"date": started, "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "cpu": platform.processor() or platform.machine(), "dynamize": dynamize.__version__,
+               "plan": "every gate" if args.all_gates else "profitable_only"}
+    console.print(machine)
+    rows: list[tuple[BenchResult, str, str]] = []
+    records = []
+    targets = [t for t in TARGETS if not args.models or t.model in args.models]
+    for model, fraction in dict.fromkeys((t.model, t.fraction) for t in targets):
+        net, dense, size = open_target(model, fraction, args.img_size, profitable_only=not args.all_gates)
+        for target in (t for t in targets if (t.model, t.fraction) == (model, fraction)):
+            (r,) = bench(net, dense, model, [target.batch], size, fraction=fraction, repeats=args.repeats,
+                         warmup=args.warmup)
+            met = "yes" if target.met(r) else "no"
+            rows.append((r, str(target), met))
+            records.append({**r.to_dict(), "target": str(target), "measured": target.measured(r), "met": met})
+            console.print(table(rows[-1:], f"{model} @ {fraction}"))
+    for run in args.runs:
+        net, dense, size = open_target(run, None, None)
+        name = f"{net.plan.architecture} {Path(run).name} (learned)"
+        images, size = sample_images(run, args.data, IMAGES_PER_BATCH * 32, net.plan.input_size[0], size)
+        for r in bench(net, dense, name, [1, 32], size, repeats=args.repeats, warmup=args.warmup, images=images,
+                       images_name=args.data):
+            rows.append((r, "", ""))
+            records.append(r.to_dict())
+            console.print(table(rows[-1:], name))
+    console.print(table(rows, f"Runtime: {args.img_size} px (runs: their own size), {torch.get_num_threads()} "
+                              f"threads, {args.repeats} passes, started {started}"))
+    Path(args.json).write_text(json.dumps({"machine": machine, "results": records}, indent=1))
     console.print(f"wrote {args.json}")
 
 

@@ -43,6 +43,25 @@ def make_image_folder(root, classes: int = 3, per_class: int = 12, size: int = 3
     return root
 
 
+# The architecture sweep of the conversion and runtime tests, name -> input size: a small architecture from each of
+# 47 timm CNN families and variants. benchmarks/coverage.py measures coverage on a different list that no test names.
+ARCHS = {
+    "resnet18": 32, "resnet50d": 32, "resnext50_32x4d": 32, "seresnet18": 32, "ecaresnet26t": 32, "skresnet18": 32,
+    "res2net50_14w_8s": 32, "resnest14d": 32, "nf_resnet26": 32, "resnetv2_18": 32, "regnetx_002": 32,
+    "regnety_002": 32, "regnetz_005": 32, "mobilenetv1_100": 32, "mobilenetv2_100": 32, "mobilenetv3_small_100": 32,
+    "mobilenetv4_conv_small_035": 32, "efficientnet_b0": 32, "tf_efficientnetv2_b0": 32, "tf_efficientnet_lite0": 32,
+    "mixnet_s": 32, "mnasnet_100": 32, "fbnetv3_b": 32, "lcnet_050": 32, "hardcorenas_b": 32, "tinynet_e": 32,
+    "ghostnet_100": 32, "ghostnetv2_100": 64, "rexnet_100": 32, "repghostnet_058": 32, "dla34": 32, "dpn68": 32,
+    "densenet121": 32, "repvgg_a0": 32, "gernet_s": 32, "cspresnet50": 32, "cs3darknet_focus_s": 32, "darknet17": 32,
+    "hrnet_w18_small": 64, "inception_v3": 75, "legacy_xception": 32, "selecsls42b": 64, "ese_vovnet19b_slim_dw": 32,
+    "hgnetv2_b0": 32, "convnext_atto": 32, "convnextv2_atto": 32, "starnet_s050": 32,
+}
+# Architectures that are reported as not gateable, and why.
+NOT_GATEABLE = {
+    "dpn68": "dual-path blocks add a slice of the branch output and concatenate the rest; the convs feed grouped "
+             "convolutions",
+}
+
 TINY_RECIPE = ["img_size=32", "in_chans=3", "epochs=1", "batch_size=8", "calib_size=6", "workers=0"]
 
 

@@ -9,7 +9,8 @@ from torch import fx, nn
 
 from ..errors import ModelError
 from ..models import create_base
-from .cost import gate_flops, node_flops, pool_flops
+from . import ops
+from .cost import channel_gate_pays, channel_gather_macs, gate_flops, node_flops, pool_flops
 from .find import Block, Graph, Group, find_blocks, find_groups, is_residual_add, owner
 from .gates import gate_hidden
 from .plan import GATE_KINDS, BlockSite, ChannelGroup, CostItem, GatePlan, Skipped
@@ -27,6 +28,9 @@ _CROSSES = ("runs from one block into a later stage (a projection): gating it wo
             "between into one unit; left ungated")
 _NO_ADDS = "no residual adds: channel gates only"
 _TOP_LEVEL = "spans the model's top-level modules (a stem into the first block): left ungated to keep the timm model"
+_SLOW = ("too little work for its gate to pay for itself in wall-clock time (at half its channels it would save "
+         "{:.1f} MMAC per image, less than gathering the kept weights and running the gate cost): left ungated "
+         "(profitable_only)")
 
 
 def architecture_of(model: nn.Module) -> str:
@@ -63,7 +67,7 @@ def _trace_at_size(model: nn.Module, img_size: int | None) -> tuple[fx.GraphModu
 
 
 def plan_model(model: nn.Module, *, gates: str = "both", img_size: int | None = None,
-               min_keep_share: float = MIN_KEEP_SHARE) -> GatePlan:
+               min_keep_share: float = MIN_KEEP_SHARE, profitable_only: bool = False) -> GatePlan:
     """Analyse a timm model and return its GatePlan without changing it.
 
     Args:
@@ -71,6 +75,9 @@ def plan_model(model: nn.Module, *, gates: str = "both", img_size: int | None = 
         gates: "both" (LC-Net), "layer" (L-Net only) or "channel" (C-Net only).
         img_size: square input size to count FLOPs at; default: the model's pretrained input size.
         min_keep_share: share of channels a group with no shortcut around it always keeps.
+        profitable_only: leave out the channel groups whose gate cannot pay for itself in wall-clock time at
+            `img_size` (`dynamize.graph.cost.channel_gate_pays`: small maps, where gathering the kept weights costs
+            more than the dropped channels save); they are listed in `plan.skipped`.
 
     Raises:
         ModelError: the model cannot be traced, or has nothing to gate.
@@ -96,6 +103,11 @@ def plan_model(model: nn.Module, *, gates: str = "both", img_size: int | None = 
         swallowing = [gr for gr in groups if _swallows_blocks(model, gr, blocks)]
         plan.skipped += [Skipped("group", owner(gr.producer), _CROSSES) for gr in swallowing]
         groups = [gr for gr in groups if gr not in swallowing]
+        if profitable_only:
+            slow = {id(gr): share for gr in groups if (share := _unprofitable(g, gr, groups, flops)) is not None}
+            plan.skipped += [Skipped("group", owner(gr.producer), _SLOW.format(slow[id(gr)]))
+                             for gr in groups if id(gr) in slow]
+            groups = [gr for gr in groups if id(gr) not in slow]
     gated_blocks: list[Block] = [] if gates == "channel" else blocks
     sites = [[b.add, *b.region] for b in gated_blocks] + [_changed(gr) for gr in groups]
     units = assign_units(model, gm, torch.zeros(1, *size), sites)
@@ -156,6 +168,24 @@ def plan_model(model: nn.Module, *, gates: str = "both", img_size: int | None = 
     return plan
 
 
+def _unprofitable(g: Graph, group: Group, groups: list[Group], flops: dict[str, int]) -> float | None:
+    """MMACs per image that half of a group's channels would save, if that does not pay for its gate; else None."""
+    macs = sum(flops.get(n.name, 0) for n in group.members + group.sinks) / 2 / group.channels
+    layers = [m for m in (ops.module_of(g.gm, n) for n in group.members[1:]) if ops.is_depthwise(m)]
+    upstream = any(group.producer in other.sinks for other in groups)
+    gather = channel_gather_macs(_layer(g, group.producer), layers, [_layer(g, n) for n in group.sinks],
+                                 group.channels, upstream)
+    return None if channel_gate_pays(macs, gather, group.channels) else macs * group.channels / 2 / 1e6
+
+
+def _layer(g: Graph, node: fx.Node) -> nn.Conv2d | nn.Linear:
+    """The convolution or linear layer of a group's producer or sink (the op table says it is one)."""
+    m = ops.module_of(g.gm, node)
+    if not isinstance(m, (nn.Conv2d, nn.Linear)):
+        raise TypeError(f"{node.name} is not a convolution or linear layer")
+    return m
+
+
 def _why_nothing(skipped: list[Skipped]) -> str:
     """The most frequent reasons why residual adds and convolutions were not gated, as one clause."""
     counts = Counter((s.kind, s.reason) for s in skipped if s.reason != _NO_ADDS)
@@ -189,7 +219,7 @@ def _unique(name: str, used: set) -> str:
 
 
 def convert(model: str | nn.Module, *, gates: str = "both", img_size: int | None = None,
-            min_keep_share: float = MIN_KEEP_SHARE, **timm_kwargs) -> DynamicNet:
+            min_keep_share: float = MIN_KEEP_SHARE, profitable_only: bool = False, **timm_kwargs) -> DynamicNet:
     """Insert L-Net and/or C-Net gates into a timm CNN.
 
     Args:
@@ -197,6 +227,8 @@ def convert(model: str | nn.Module, *, gates: str = "both", img_size: int | None
         gates: "both" (LC-Net), "layer" (L-Net only) or "channel" (C-Net only).
         img_size: square input size to count FLOPs at; default: the model's pretrained input size.
         min_keep_share: share of channels a group with no shortcut around it always keeps.
+        profitable_only: leave out channel gates that cannot pay for themselves in wall-clock time (see
+            `plan_model`).
         **timm_kwargs: passed to `timm.create_model` when `model` is a name (e.g. num_classes, in_chans).
 
     Returns:
@@ -207,5 +239,6 @@ def convert(model: str | nn.Module, *, gates: str = "both", img_size: int | None
         model = create_base(model, **timm_kwargs)
     elif timm_kwargs:
         raise TypeError("timm keyword arguments apply only when `model` is a name")
-    return rewrite(model, plan_model(model, gates=gates, img_size=img_size, min_keep_share=min_keep_share))
+    return rewrite(model, plan_model(model, gates=gates, img_size=img_size, min_keep_share=min_keep_share,
+                                     profitable_only=profitable_only))
 

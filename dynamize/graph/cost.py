@@ -10,7 +10,7 @@ active gate adds its MLP when it runs (a C-Net inside a skipped block does not);
 any active gate that reads it runs. The fraction divides by the original model's FLOPs.
 """
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import cast
 
 import torch
@@ -23,6 +23,18 @@ from .rewrite import DynamicNet
 
 OUTSIDE = "(outside gated blocks)"
 GATES = "(gates)"
+
+# What running a channel group on its kept channels costs besides their MACs, in multiply-accumulates of a
+# convolution: gathering the kept weights. Measured on this project's 2-core AVX-512 x86 CPU (2 threads):
+# convolutions run at ~60-90 GMAC/s, gathers copy ~18 G floats/s as whole rows (kept filters, or kept inputs of a
+# transposed copy), ~6 G/s as 3x3 chunks (kept inputs and outputs at once) and ~2 G/s one float at a time. The
+# runtime's choice of layout and the plan's `channel_gate_pays` both read these.
+GATHER_MACS = {"rows": 5, "chunks": 12, "floats": 40}
+# What a channel gate costs per call whatever it keeps, in the same units: pooling its input, its MLP, the decision and
+# the multiplication, about 130 us of small operations and Python dispatch (at ~60 GMAC/s).
+GATE_CALL_MACS = 8e6
+# The keep share at which `channel_gate_pays` judges a gate: a typical budget keeps about half of a group.
+PAYBACK_KEEP = 0.5
 
 
 class _CountingInterpreter(fx.Interpreter):
@@ -72,6 +84,55 @@ def pool_flops(shape) -> int:
     """Additions of a global average pool over one image's [C, H, W] (or [H, W, C]) tensor."""
     c, h, w = shape[-3:]
     return int(c * h * w)
+
+
+def gather_macs(weights: int, kernel: int, both: bool = False) -> float:
+    """Cost of gathering `weights` weights of a layer with `kernel` weights per (output, input) channel pair.
+
+    Args:
+        weights: how many weights are copied.
+        kernel: kh * kw of the layer (1 for linears and 1x1 convolutions).
+        both: kept outputs and kept inputs are gathered together (chunks of the flattened weight).
+    """
+    if not both:
+        return weights * GATHER_MACS["rows"]
+    return weights * GATHER_MACS["chunks" if kernel > 1 else "floats"]
+
+
+def channel_gather_macs(producer: nn.Conv2d | nn.Linear, depthwise: Sequence[nn.Conv2d],
+                        sinks: Sequence[nn.Conv2d | nn.Linear], channels: int, upstream: bool) -> float:
+    """Cost of gathering one kept channel's weights in every layer of a channel group: the producer's filter,
+    the depthwise filters and the sinks' input columns.
+
+    Args:
+        producer, depthwise, sinks: the group's layers (convolutions or linears).
+        channels: channels of the group.
+        upstream: the producer's inputs are another group's kept channels (kept inputs and outputs are gathered).
+    """
+    def kernel(m: nn.Conv2d | nn.Linear) -> int:
+        return m.weight[0, 0].numel() if isinstance(m, nn.Conv2d) else 1
+
+    cost = gather_macs(producer.weight.numel() // channels, kernel(producer), both=upstream)
+    cost += sum(gather_macs(m.weight.numel() // channels, 1) for m in depthwise)
+    for m in sinks:
+        per_input = m.weight.numel() // (m.in_channels if isinstance(m, nn.Conv2d) else m.in_features)
+        cost += gather_macs(per_input, kernel(m), both=kernel(m) > 1)
+    return cost
+
+
+def channel_gate_pays(macs: float, gather: float, channels: int, keep: float = PAYBACK_KEEP) -> bool:
+    """Does one image run a group faster on a share `keep` of its channels than on all of them, counting the gate?
+
+    Args:
+        macs: multiply-accumulates of the group's layers per channel and image.
+        gather: cost of gathering one kept channel's weights (`channel_gather_macs`).
+        channels: channels of the group.
+        keep: share of channels kept.
+
+    A group on small maps (late stages, small inputs) or with few channels does little work: gathering its kept
+    weights, or the gate's own fixed cost, can exceed what the dropped channels save.
+    """
+    return keep * channels * (macs + gather) + GATE_CALL_MACS < channels * macs
 
 
 Decisions = Mapping[str, torch.Tensor]

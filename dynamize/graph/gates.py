@@ -199,10 +199,15 @@ class GatedResidual(nn.Module):
         for m in inner:
             m.forced = m.forced[idx]
         try:
-            return self._run_branch(x[idx], *(e[idx] for e in extra))
+            return self._run_branch(self._images(x, idx), *(self._images(e, idx) for e in extra))
         finally:
             for m, forced in zip(inner, saved):
                 m.forced = forced
+
+    @staticmethod
+    def _images(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The images `idx` of a batch tensor (the runtime picks them faster)."""
+        return t[idx]
 
     def _scatter_inner_decisions(self, idx: torch.Tensor, batch: int) -> None:
         """Give the branch's channel gates full-batch decisions (zero where the branch was skipped)."""

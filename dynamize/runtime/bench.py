@@ -1,7 +1,10 @@
 """Wall-clock benchmark of a gated model's runtime against the dense original, on the same weights and inputs.
 
-The dynamic model runs either its learned decisions or forced random ones at a chosen FLOPs fraction. Dense and
-dynamic passes are interleaved in one process so that both see the same machine load; medians are reported.
+The dynamic model runs the same fast path as a model from `dynamize.load` (`use_runtime`), on either its learned
+decisions or forced random ones at a chosen FLOPs fraction. Every timed pass draws new images (random ones, or a
+batch from images the caller passes in, such as a test split) and, when forced, new random decisions, so that
+shapes and kept channels change between passes as they do in use. Dense and dynamic passes alternate in one process
+so that both see the same machine load; each configuration reports medians with the 10th and 90th percentiles.
 """
 import statistics
 import time
@@ -14,7 +17,7 @@ from torch import nn
 
 from ..errors import DynamizeError, OutputError, RunError
 from ..graph.convert import convert
-from ..graph.cost import expected_fraction, flops_fraction, min_fraction
+from ..graph.cost import expected_fraction, flops_per_image, min_fraction
 from ..graph.plan import GatePlan
 from ..graph.rewrite import DynamicNet
 from ..io.atomic import write_json
@@ -25,16 +28,34 @@ from .sliced import use_runtime
 
 @dataclass
 class BenchResult:
-    """One timed configuration. `fraction` is the dynamic model's mean FLOPs fraction on the timed batch."""
+    """One timed configuration.
+
+    Attributes:
+        fraction: the dynamic model's mean FLOPs fraction over the timed passes.
+        dense_ms, dynamic_ms: median milliseconds per pass; `*_p10`, `*_p90` their 10th and 90th percentiles.
+        speedup: median over passes of dense / dynamic time, each pair timed back to back (robust to load that
+            drifts during the run); `speedup_p10`, `speedup_p90` its spread.
+        repeats: timed passes of each model.
+        threads: torch threads used.
+        decisions: "learned" or "random".
+        images: "random", or the name of the data the images came from.
+    """
     model: str
     batch_size: int
     fraction: float
     dense_ms: float
     dynamic_ms: float
-
-    @property
-    def speedup(self) -> float:
-        return self.dense_ms / self.dynamic_ms
+    dense_p10: float
+    dense_p90: float
+    dynamic_p10: float
+    dynamic_p90: float
+    speedup: float
+    speedup_p10: float
+    speedup_p90: float
+    repeats: int
+    threads: int
+    decisions: str
+    images: str
 
     @property
     def ideal(self) -> float:
@@ -42,7 +63,7 @@ class BenchResult:
         return 1.0 / self.fraction
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "speedup": self.speedup, "ideal": self.ideal}
+        return {**asdict(self), "ideal": self.ideal}
 
 
 def check_fraction(fraction: float) -> None:
@@ -97,25 +118,45 @@ def release(net: DynamicNet) -> None:
         gate.forced = None
 
 
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100) of `values`, linearly interpolated."""
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
 @torch.inference_mode()
-def time_pair(dense: Callable, dynamic: Callable, x: torch.Tensor, repeats: int,
-              warmup: int) -> tuple[float, float]:
-    """Median milliseconds of `dense(x)` and `dynamic(x)`, run alternately so that both see the same load."""
-    for _ in range(warmup):
-        dense(x)
-        dynamic(x)
+def time_pairs(dense: Callable, dynamic: Callable, inputs: Callable[[int], torch.Tensor], repeats: int,
+               warmup: int, after: Callable[[], None] = lambda: None) -> tuple[list[float], list[float]]:
+    """Milliseconds of `dense(x)` and `dynamic(x)` on `repeats` inputs, the two run back to back on each.
+
+    Args:
+        dense, dynamic: the two models.
+        inputs: returns the input of pass i (and may set up its decisions); called outside the timed region.
+        repeats: timed passes.
+        warmup: untimed passes first (allocator, thread pool, oneDNN and weight caches).
+        after: called after each timed dynamic pass, outside the timed region (to read its decisions).
+    """
     times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(repeats):
-        for fn, out in ((dense, times[0]), (dynamic, times[1])):
+    for i in range(warmup + repeats):
+        x = inputs(i)
+        order = ((dense, 0), (dynamic, 1)) if i % 2 else ((dynamic, 1), (dense, 0))  # neither always goes first
+        for fn, which in order:
             start = time.perf_counter()
             fn(x)
-            out.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times[0]), statistics.median(times[1])
+            elapsed = 1e3 * (time.perf_counter() - start)
+            if i >= warmup:
+                times[which].append(elapsed)
+                if which:
+                    after()
+    return times
 
 
 def bench(net: DynamicNet, dense: nn.Module, name: str, batch_sizes: Sequence[int], img_size: int,
-          fraction: float | None = None, repeats: int = 10, warmup: int = 2,
-          channels_last: bool = True, seed: int = 0) -> list[BenchResult]:
+          fraction: float | None = None, repeats: int = 10, warmup: int = 2, channels_last: bool = True,
+          seed: int = 0, images: torch.Tensor | None = None, images_name: str = "random") -> list[BenchResult]:
     """Time the dense model against the gated model's runtime at each batch size.
 
     Args:
@@ -123,40 +164,58 @@ def bench(net: DynamicNet, dense: nn.Module, name: str, batch_sizes: Sequence[in
         dense: the original model with the same weights.
         name: the model's name in the results.
         batch_sizes: batch sizes to time.
-        img_size: square input size.
-        fraction: force random decisions with this mean FLOPs fraction; None: the learned decisions.
+        img_size: square input size of random images.
+        fraction: force random decisions with this mean FLOPs fraction, new ones for every pass; None: the
+            learned decisions.
         repeats: timed passes of each model per configuration.
-        warmup: untimed passes first (allocator, thread pool and oneDNN caches).
+        warmup: untimed passes first.
         channels_last: run both models on channels-last tensors (faster convolutions on most CPUs).
-        seed: seeds the random images and the forced decisions.
+        seed: seeds the images and the forced decisions.
+        images: [M, C, H, W] images to draw each pass's batch from (e.g. a test split); None: random images.
+        images_name: what `images` are, for the results.
     """
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     net, dense = net.eval().to(memory_format=fmt), dense.eval().to(memory_format=fmt)
     runtime = use_runtime(net)
     p = keep_probability(net.plan, fraction) if fraction is not None else None
     generator = torch.Generator().manual_seed(seed)
+    shape = (net.plan.input_size[0], img_size, img_size)
     results = []
     try:
         for batch in batch_sizes:
-            x = torch.randn(batch, net.plan.input_size[0], img_size, img_size, generator=generator)
-            x = x.to(memory_format=fmt)
-            if p is not None:
-                force_random(net, p, batch, generator)
-            measured = flops_fraction(net, x).mean().item()
-            dense_ms, dynamic_ms = time_pair(dense, runtime, x, repeats, warmup)
-            results.append(BenchResult(name, batch, measured, dense_ms, dynamic_ms))
+            def inputs(i: int, batch: int = batch) -> torch.Tensor:
+                if images is None:
+                    x = torch.randn(batch, *shape, generator=generator)
+                else:
+                    x = images[torch.randint(len(images), (batch,), generator=generator)]
+                if p is not None:
+                    force_random(net, p, batch, generator)
+                return x.contiguous(memory_format=fmt)
+
+            fractions: list[float] = []
+            dense_t, dynamic_t = time_pairs(dense, runtime, inputs, repeats, warmup,
+                                            after=lambda: fractions.append(flops_per_image(net).mean().item()))
+            ratios = [d / s for d, s in zip(dense_t, dynamic_t)]
+            results.append(BenchResult(
+                name, batch, statistics.fmean(fractions), statistics.median(dense_t), statistics.median(dynamic_t),
+                percentile(dense_t, 10), percentile(dense_t, 90), percentile(dynamic_t, 10),
+                percentile(dynamic_t, 90), statistics.median(ratios), percentile(ratios, 10), percentile(ratios, 90),
+                repeats, torch.get_num_threads(), "random" if p is not None else "learned", images_name))
     finally:
         release(net)
     return results
 
 
-def open_target(target: str, fraction: float | None, img_size: int | None) -> tuple[DynamicNet, nn.Module, int]:
+def open_target(target: str, fraction: float | None, img_size: int | None,
+                profitable_only: bool = False) -> tuple[DynamicNet, nn.Module, int]:
     """The gated model, its dense twin (same weights, no gates) and the input size to time them at.
 
     Args:
         target: a run directory (learned decisions) or a timm model name (random weights; needs `fraction`).
         fraction: the FLOPs fraction random decisions will be forced to, if any.
         img_size: square input size; default: the size the plan counts FLOPs at.
+        profitable_only: convert a model name without the channel gates that cannot pay for themselves (see
+            `dynamize.graph.convert.plan_model`); a run keeps the gates it was trained with.
 
     Raises:
         DynamizeError: not a run directory, unknown model name, a model name without `fraction`, or a bad fraction.
@@ -173,7 +232,7 @@ def open_target(target: str, fraction: float | None, img_size: int | None) -> tu
         if fraction is None:
             raise DynamizeError(f"{target} is a model name, which has no learned decisions; pass --fraction F to "
                                 "time random decisions with that FLOPs fraction, or pass a run directory")
-        net = convert(target, img_size=img_size)
+        net = convert(target, img_size=img_size, profitable_only=profitable_only)
     plan = net.plan
     dense = create_base(plan.architecture, num_classes=net.num_classes, in_chans=plan.input_size[0])
     dense.load_state_dict(net.base_state_dict(), strict=True)

@@ -5,7 +5,7 @@ import pytest
 
 from dynamize_cli.main import run
 
-FAST = ["--img-size", "32", "--repeats", "1", "--warmup", "0", "--threads", "1"]
+FAST = ["--img-size", "32", "--repeats", "3", "--warmup", "0", "--threads", "1"]
 
 
 def test_bench_model_with_fraction_writes_json(tmp_path, capsys):
@@ -16,9 +16,13 @@ def test_bench_model_with_fraction_writes_json(tmp_path, capsys):
     results = json.loads(out.read_text())["results"]
     assert [r["batch_size"] for r in results] == [1, 2]
     for r in results:
-        assert set(r) == {"model", "batch_size", "fraction", "dense_ms", "dynamic_ms", "speedup", "ideal"}
+        assert set(r) == {"model", "batch_size", "fraction", "dense_ms", "dynamic_ms", "dense_p10", "dense_p90",
+                          "dynamic_p10", "dynamic_p90", "speedup", "speedup_p10", "speedup_p90", "ideal", "repeats",
+                          "threads", "decisions", "images"}
         assert r["model"] == "test_resnet" and 0 < r["fraction"] <= 1 and r["dense_ms"] > 0 and r["dynamic_ms"] > 0
         assert r["ideal"] == pytest.approx(1 / r["fraction"])
+        assert r["dense_p10"] <= r["dense_ms"] <= r["dense_p90"] and r["speedup_p10"] <= r["speedup_p90"]
+        assert (r["threads"], r["repeats"], r["decisions"], r["images"]) == (1, 3, "random", "random")
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # no temporary file left behind
 
 
@@ -29,6 +33,17 @@ def test_bench_run_directory_uses_learned_decisions(tmp_path, capsys):
     capsys.readouterr()
     assert run(["bench", str(run_dir), "-b", "1", *FAST]) == 0
     assert "learned decisions" in capsys.readouterr().out
+
+
+def test_bench_times_learned_decisions_on_test_images(tmp_path, image_folder, capsys):
+    run_dir, out = tmp_path / "run", tmp_path / "bench.json"
+    assert run(["convert", "test_resnet", "--no-pretrained", "--num-classes", "3", "--img-size", "32",
+                "-o", str(run_dir)]) == 0
+    capsys.readouterr()
+    assert run(["bench", str(run_dir), "--data", str(image_folder), "-b", "2", *FAST, "--json", str(out)]) == 0
+    assert "test images of" in capsys.readouterr().out
+    (result,) = json.loads(out.read_text())["results"]
+    assert (result["decisions"], result["images"]) == ("learned", str(image_folder))
 
 
 @pytest.mark.parametrize("args, message", [

@@ -27,6 +27,15 @@ def test_convert_writes_run_and_inspect_reads_it(tmp_path, capsys):
     assert "channel groups gated" in capsys.readouterr().out
 
 
+def test_convert_profitable_only_records_the_gates_it_leaves_out(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(["convert", "mobilenetv3_small_100", "--no-pretrained", "--img-size", "224", "--profitable-only",
+                "-o", str(out)]) == 0
+    capsys.readouterr()
+    skipped = json.loads((out / "config.json").read_text())["dynamize"]["plan"]["skipped"]
+    assert any("pay for itself" in s["reason"] for s in skipped)
+
+
 def test_convert_with_checkpoint(tmp_path):
     base = timm.create_model("test_resnet", num_classes=4)
     save_file(base.state_dict(), str(tmp_path / "w.safetensors"))

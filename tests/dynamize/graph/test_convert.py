@@ -2,7 +2,7 @@
 import pytest
 import timm
 import torch
-from helpers import randomize
+from helpers import ARCHS, NOT_GATEABLE, randomize
 from test_find import Basic
 from timm.layers import SpaceToDepth
 from torch import nn
@@ -10,24 +10,6 @@ from torch import nn
 import dynamize
 from dynamize.errors import ModelError
 
-# name -> input size: a small architecture from each of 47 timm CNN families and variants. benchmarks/coverage.py
-# measures coverage on a different list that no test names.
-ARCHS = {
-    "resnet18": 32, "resnet50d": 32, "resnext50_32x4d": 32, "seresnet18": 32, "ecaresnet26t": 32, "skresnet18": 32,
-    "res2net50_14w_8s": 32, "resnest14d": 32, "nf_resnet26": 32, "resnetv2_18": 32, "regnetx_002": 32,
-    "regnety_002": 32, "regnetz_005": 32, "mobilenetv1_100": 32, "mobilenetv2_100": 32, "mobilenetv3_small_100": 32,
-    "mobilenetv4_conv_small_035": 32, "efficientnet_b0": 32, "tf_efficientnetv2_b0": 32, "tf_efficientnet_lite0": 32,
-    "mixnet_s": 32, "mnasnet_100": 32, "fbnetv3_b": 32, "lcnet_050": 32, "hardcorenas_b": 32, "tinynet_e": 32,
-    "ghostnet_100": 32, "ghostnetv2_100": 64, "rexnet_100": 32, "repghostnet_058": 32, "dla34": 32, "dpn68": 32,
-    "densenet121": 32, "repvgg_a0": 32, "gernet_s": 32, "cspresnet50": 32, "cs3darknet_focus_s": 32, "darknet17": 32,
-    "hrnet_w18_small": 64, "inception_v3": 75, "legacy_xception": 32, "selecsls42b": 64, "ese_vovnet19b_slim_dw": 32,
-    "hgnetv2_b0": 32, "convnext_atto": 32, "convnextv2_atto": 32, "starnet_s050": 32,
-}
-# Architectures that are reported as not gateable, and why.
-NOT_GATEABLE = {
-    "dpn68": "dual-path blocks add a slice of the branch output and concatenate the rest; the convs feed grouped "
-             "convolutions",
-}
 # Architectures with residual adds that get no L-Net, and why.
 NO_LAYER_GATE = {
     "rexnet_100": "its residual adds only part of the channels (x[:, :C] += shortcut), not shortcut + F(x)",
@@ -73,7 +55,10 @@ def test_convert_exact_and_round_trip(name, tmp_path):
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         ref, out = base(x), net(x)
-    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+        masked = dynamize.use_runtime(net, None)(x)
+        dynamize.use_runtime(net)
+    assert (masked - ref).abs().max() <= 1e-5 * ref.abs().max()  # the gated graph computes what the model did
+    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()  # so does the fast path, its norms folded: rounding
 
     plan = net.plan
     has_residual = not any("no residual adds" in s.reason for s in plan.skipped)
@@ -159,3 +144,16 @@ def test_norm_free_blocks_get_layer_gates():
     with torch.no_grad():
         ref = base(x)
         assert (net(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_profitable_only_leaves_out_channel_gates_on_small_maps():
+    model = timm.create_model("mobilenetv3_small_100")
+    every = dynamize.plan_model(model, img_size=224)
+    profitable = dynamize.plan_model(model, img_size=224, profitable_only=True)
+    left_out = {s.where for s in profitable.skipped if "pay for itself" in s.reason}
+    assert left_out and {g.name for g in profitable.groups} == {g.name for g in every.groups} - left_out
+    assert profitable.blocks == every.blocks
+    # A ResNet's channels at 224 px are worth gating: every group stays.
+    resnet = timm.create_model("resnet18")
+    assert len(dynamize.plan_model(resnet, img_size=224, profitable_only=True).groups) == \
+        len(dynamize.plan_model(resnet, img_size=224).groups)

@@ -3,10 +3,13 @@ import pytest
 import timm
 import torch
 from helpers import randomize
+from timm.layers import BatchNormAct2d
 
 import dynamize
+from dynamize.runtime import decide as decide_module
 from dynamize.runtime.bench import force_random, release
-from dynamize.runtime.sliced import Kept, SlicedBatchNorm, SlicedDepthwise, SlicedLayer, use_runtime
+from dynamize.runtime.decide import Decide
+from dynamize.runtime.sliced import use_runtime
 
 # Residual blocks + conv groups; depthwise + squeeze-excite groups; channels-last Linear groups.
 MODELS = [("resnet18", 32), ("test_efficientnet", 64), ("test_convnext", 32)]
@@ -19,6 +22,12 @@ def model(request):
     return net, size
 
 
+@pytest.fixture(autouse=True)
+def exact_counts(monkeypatch):
+    """Kept channel counts as they are: the tiny test models have groups smaller than a bucket."""
+    monkeypatch.setattr(decide_module, "CHANNEL_BUCKET", 1)
+
+
 def _masked_and_fast(net, x, channels="auto"):
     """The model's output on the masked graph and on the runtime, with the same decisions."""
     with torch.no_grad():
@@ -28,11 +37,14 @@ def _masked_and_fast(net, x, channels="auto"):
         return expected, net(x)
 
 
-@pytest.mark.parametrize("channels", ["union", "split", "auto"])
-@pytest.mark.parametrize("batch", [1, 3])
-def test_runtime_equals_masked_graph(model, channels, batch):
+@pytest.mark.parametrize("channels, batch, channels_last", [
+    ("union", 1, False), ("union", 3, False), ("split", 3, False), ("auto", 1, True), ("auto", 3, True),
+    ("split", 3, True)])
+def test_runtime_equals_masked_graph(model, channels, batch, channels_last):
     net, size = model
-    x = torch.randn(batch, 3, size, size)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    net = net.to(memory_format=fmt)
+    x = torch.randn(batch, 3, size, size).contiguous(memory_format=fmt)
     generator = torch.Generator().manual_seed(batch)
     try:
         for p in (0.3, 0.7):
@@ -41,6 +53,7 @@ def test_runtime_equals_masked_graph(model, channels, batch):
             torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
     finally:
         release(net)
+        net.to(memory_format=torch.contiguous_format)
 
 
 def test_runtime_with_every_gate_closed(model):
@@ -49,6 +62,27 @@ def test_runtime_with_every_gate_closed(model):
     try:
         for _, _, gate in net.gates():
             gate.forced = torch.zeros(1)
+        expected, got = _masked_and_fast(net, x)
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    finally:
+        release(net)
+
+
+def test_runtime_follows_weight_changes(model):
+    net, size = model
+    x = torch.randn(2, 3, size, size)
+    try:
+        force_random(net, 0.5, 2, torch.Generator().manual_seed(0))
+        _masked_and_fast(net, x)  # prepares (folds, transposes) the weights
+        with torch.no_grad():
+            for m in net.modules():
+                if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                    m.weight.mul_(1.5)  # an in-place update, as an optimizer step makes
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.running_var.mul_(2.0)
+        expected, got = _masked_and_fast(net, x)
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+        net.load_state_dict({k: v * 0.5 if v.is_floating_point() else v for k, v in net.state_dict().items()})
         expected, got = _masked_and_fast(net, x)
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
     finally:
@@ -70,6 +104,17 @@ def test_training_and_gradients_use_the_masked_graph(model):
         handle.remove()
 
 
+def test_a_loaded_model_runs_the_fast_path_in_evaluation(model, tmp_path):
+    net, size = model
+    loaded = dynamize.load(dynamize.save(net, tmp_path / "run")).eval()
+    calls = []
+    for _, unit in loaded.units():
+        unit.fast.register_forward_hook(lambda *a: calls.append(1))
+    with torch.inference_mode():
+        loaded(torch.randn(2, 3, size, size))
+    assert len(calls) == len(list(loaded.units()))
+
+
 def test_skipped_branch_is_not_called():
     net = dynamize.convert(randomize(timm.create_model("resnet18", num_classes=7)), img_size=32).eval()
     batches = []
@@ -86,54 +131,68 @@ def test_skipped_branch_is_not_called():
     assert batches == [2, 3]  # never for the skipped batch; only the two images that keep the block
 
 
-def _kept(idx, n=1, axis=1):
-    idx = torch.tensor(idx)
-    return Kept(axis, idx, torch.ones(n, len(idx)))
+def test_a_skipped_block_leaves_its_input_alone():
+    net = dynamize.convert(randomize(timm.create_model("resnet18", num_classes=7)), img_size=32).eval()
+    unit, gate = net.get_submodule("layer1.1"), net.block_gate("layer1.1")
+    x = torch.randn(2, 64, 8, 8)
+    before = x.clone()
+    gate.forced = torch.zeros(1)
+    try:
+        with torch.no_grad():
+            out = unit(x)  # the unit's in-place ReLU runs on what the skipped block returns
+    finally:
+        gate.forced = None
+    assert torch.equal(x, before) and torch.equal(out, before.relu())
 
 
-def test_sliced_conv_equals_dense_conv_on_kept_channels():
-    conv = torch.nn.Conv2d(6, 8, 3, padding=1, stride=2)
-    x = torch.randn(2, 6, 9, 9)
-    inp, out = _kept([0, 2, 5], 2), _kept([1, 4, 6, 7], 2)
-    masked = x * torch.zeros(6).index_fill(0, inp.idx, 1).reshape(1, -1, 1, 1)
-    dense = conv(masked)[:, out.idx]
-    sliced = SlicedLayer(conv)(x[:, inp.idx], inp, out)
-    torch.testing.assert_close(sliced, dense, atol=1e-5, rtol=0)
-    per_image = Kept(1, inp.idx, inp.mult, [(inp.idx, inp.mult[:1])] * 2)
-    torch.testing.assert_close(torch.cat(SlicedLayer(conv)([x[i:i + 1, inp.idx] for i in range(2)], per_image,
-                                                           Kept(1, out.idx, out.mult, [(out.idx, None)] * 2))),
-                               dense, atol=1e-5, rtol=0)
-
-
-def test_sliced_depthwise_and_batchnorm_equal_dense_on_kept_channels():
-    dw, bn = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8), randomize(torch.nn.BatchNorm2d(8)).eval()
-    x = torch.randn(2, 8, 5, 5)
-    kept = _kept([0, 3, 4], 2)
-    torch.testing.assert_close(SlicedDepthwise(dw)(x[:, kept.idx], kept), dw(x)[:, kept.idx], atol=1e-5, rtol=0)
-    torch.testing.assert_close(SlicedBatchNorm(bn)(x[:, kept.idx], kept), bn(x)[:, kept.idx], atol=1e-5, rtol=0)
-
-
-def test_sliced_linear_on_channels_last():
-    fc = torch.nn.Linear(6, 5)
-    x = torch.randn(1, 4, 4, 6)
-    inp, out = _kept([1, 2], axis=-1), _kept([0, 3], axis=-1)
-    masked = x * torch.zeros(6).index_fill(0, inp.idx, 1)
-    torch.testing.assert_close(SlicedLayer(fc)(x[..., inp.idx], inp, out), fc(masked)[..., out.idx],
-                               atol=1e-5, rtol=0)
+def _decisions(model, batch, forced_rows):
+    """The Kept of every Decide of the model's fast path for one pass with the given forced decisions."""
+    net, size = model
+    out = []
+    hooks = [m.register_forward_hook(lambda mod, args, kept: out.append(kept))
+             for _, unit in net.units() for m in unit.fast.modules() if isinstance(m, Decide)]
+    try:
+        force_random(net, 0.5, forced_rows, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            net(torch.randn(batch, 3, size, size))
+    finally:
+        release(net)
+        for h in hooks:
+            h.remove()
+    return out
 
 
 def test_auto_mode_runs_agreeing_images_together(model):
-    net, size = model
-    use_runtime(net, "auto")
-    decisions = []
-    for _, unit in net.units():
-        for m in unit.fast.modules():
-            if type(m).__name__ == "Decide":
-                m.register_forward_hook(lambda mod, args, out: decisions.append(out.images))
+    use_runtime(model[0], "auto")
+    kept = _decisions(model, batch=4, forced_rows=1)  # one row: every image decides the same
+    assert kept and not any(k.per_image for k in kept)
+
+
+def test_split_mode_runs_disagreeing_images_per_image(model):
+    use_runtime(model[0], "split")
     try:
-        force_random(net, 0.5, 1, torch.Generator().manual_seed(0))  # one row: every image decides the same
-        with torch.no_grad():
-            net(torch.randn(4, 3, size, size))
+        kept = _decisions(model, batch=4, forced_rows=4)
     finally:
-        release(net)
-    assert decisions and all(images is None for images in decisions)
+        use_runtime(model[0], "auto")
+    # Per image wherever a group runs several images (a block kept by one image runs its groups on that one).
+    assert kept and all(k.per_image for k in kept if k.idx is not None and k.mult.shape[0] > 1)
+    assert any(k.per_image for k in kept)
+
+
+def _called(gm):
+    """Types of the modules a unit graph calls, its residual branches included."""
+    types = [type(gm.get_submodule(n.target)) for n in gm.graph.nodes if n.op == "call_module"]
+    for m in gm.modules():
+        branch = getattr(m, "branch", None)
+        if isinstance(branch, torch.fx.GraphModule) and branch is not gm:
+            types += [type(branch.get_submodule(n.target)) for n in branch.graph.nodes if n.op == "call_module"]
+    return types
+
+
+def test_norms_are_folded_and_no_ops_dropped():
+    net = dynamize.convert(randomize(timm.create_model("test_efficientnet", num_classes=7)), img_size=64).eval()
+    masked = [t for _, unit in net.units() for t in _called(unit.masked)]
+    fast = [t for _, unit in net.units() for t in _called(unit.fast)]
+    # The norms after the gated convolutions are folded into them; their SiLU activations still run.
+    assert fast.count(BatchNormAct2d) < masked.count(BatchNormAct2d) and torch.nn.SiLU in fast
+    assert torch.nn.Identity in masked and torch.nn.Identity not in fast
