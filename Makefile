@@ -20,9 +20,9 @@ data:
 demo: $(VENV)/.installed data
 	$(VENV)/bin/dynamize demo
 
-# The whole suite (slow tests included: subprocesses, DDP, the architecture sweep).
+# The whole suite (slow tests included: subprocesses, DDP, the architecture sweep), on both cores.
 test: $(VENV)/.installed
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2
 
 # Everything but the tests marked slow, on both cores (pytest-xdist): under a minute when the cores are free.
 test-fast: $(VENV)/.installed
