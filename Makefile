@@ -24,7 +24,7 @@ demo: $(VENV)/.installed data
 test: $(VENV)/.installed
 	$(PY) -m pytest -n 2
 
-# Everything but the tests marked slow, on both cores (pytest-xdist): under a minute when the cores are free.
+# Everything but the tests marked slow, on both cores (pytest-xdist).
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -m "not slow" -n 2
 
