@@ -40,4 +40,48 @@ def test_trained_thresholds_that_meet_the_budget_stay(monkeypatch):
 
     monkeypatch.setattr(calibrate_module, "predict", landscape)
     result = calibrate(student, [], 0.25)
-    assert result["offsets"] == {"layer": 0.0, "channel": 0.0} and result["top1"] == 100.0
+    assert set(result["thresholds"].values()) == {0.0} and result["top1"] == 100.0
+
+
+def test_the_search_keeps_away_from_a_cliff_that_bisection_falls_into(monkeypatch):
+    """The trained thresholds miss the budget, a small move meets it, and a bigger move crosses a cliff (a block
+    every image needs gets skipped: accuracy falls and the fraction rises) beyond which the fraction meets the
+    budget again, with the accuracy lost. A bisection over the offset range lands beyond the cliff; the search
+    keeps the small move."""
+    student = dynamize.convert(randomize(timm.create_model("test_resnet", num_classes=3)), img_size=SIZE,
+                               gates="layer")
+    labels = torch.zeros(100, dtype=torch.long)
+
+    def landscape(model, data):
+        t = float(next(g for _, _, g in model.gates()).threshold)
+        frac, right = ((0.32, 1.0) if t < 0 else (0.265, 1.0) if t == 0 else (0.252, 1.0) if t < 0.1 else
+                       (0.29, 0.8) if t < 1 else (0.25, 0.8) if t < 2 else (0.2, 0.7))
+        top5 = torch.zeros(100, 5, dtype=torch.long)
+        top5[int(100 * right):, 0] = 1
+        return {"fractions": torch.full((100,), frac), "top5": top5, "labels": labels}
+
+    monkeypatch.setattr(calibrate_module, "predict", landscape)
+    result = calibrate(student, [], 0.25)
+    moved = {float(g.threshold) for _, _, g in student.gates()}
+    assert len(moved) == 1 and 0 < moved.pop() < 0.1 and result["top1"] == 100.0
+
+
+def test_single_layer_gates_move_when_every_common_offset_crosses_a_cliff(monkeypatch):
+    """The first block is needed by every image and its gate sits just above its threshold: any common offset
+    skips it. Moving another layer gate alone meets the budget at full accuracy."""
+    student = dynamize.convert(randomize(timm.create_model("test_resnet", num_classes=3)), img_size=SIZE,
+                               gates="layer")
+    labels = torch.zeros(100, dtype=torch.long)
+
+    def landscape(model, data):
+        first, *others = [float(g.threshold) for _, _, g in model.gates()]
+        frac, right = (0.29, 0.8) if first > 0 else (0.262 - 0.01 * sum(t > 0 for t in others), 1.0)
+        top5 = torch.zeros(100, 5, dtype=torch.long)
+        top5[int(100 * right):, 0] = 1
+        return {"fractions": torch.full((100,), frac), "top5": top5, "labels": labels}
+
+    monkeypatch.setattr(calibrate_module, "predict", landscape)
+    result = calibrate(student, [], 0.25)
+    first, *others = [float(g.threshold) for _, _, g in student.gates()]
+    assert result["top1"] == 100.0 and abs(result["fraction"] - 0.25) <= 0.008
+    assert first == 0 and sum(t > 0 for t in others) == 1 and result["moved"].startswith("layer:")
