@@ -54,6 +54,12 @@ def _point(model: DynamicNet, data: DataLoader, budget: float, values: dict[str,
     return {"thresholds": values, "fraction": frac, "error": abs(frac - budget), "top1": _top1(pred)}
 
 
+def _meets(point: dict, budget: float, tol: float) -> bool:
+    """Within `tol` of the budget, and at most half of it above: the most accurate setting is searched for, and
+    more FLOPs usually buy accuracy, so the window is lopsided to keep the chosen fraction from sitting at its top."""
+    return point["error"] <= tol and point["fraction"] <= budget + tol / 2
+
+
 def _search(model: DynamicNet, data: DataLoader, budget: float, start: dict[str, float], direction: set[str],
             tol: float, iters: int) -> list[dict]:
     """Every setting tried with the gates in `direction` moved by t from `start` (the fraction mostly falls as t
@@ -74,19 +80,20 @@ def _search(model: DynamicNet, data: DataLoader, budget: float, start: dict[str,
                 break
     tried.sort(key=lambda p: p["t"])
     for lo, hi in list(zip(tried, tried[1:])):
-        if min(lo["error"], hi["error"]) <= tol or (lo["fraction"] - budget) * (hi["fraction"] - budget) > 0:
+        straddle = (lo["fraction"] - budget) * (hi["fraction"] - budget) < 0
+        if not straddle or _meets(lo, budget, tol) or _meets(hi, budget, tol):
             continue
         for _ in range(iters):
             tried.append(mid := at((lo["t"] + hi["t"]) / 2))
-            if mid["error"] <= tol:
+            if _meets(mid, budget, tol):
                 break
             lo, hi = (mid, hi) if (mid["fraction"] - budget) * (lo["fraction"] - budget) > 0 else (lo, mid)
     return tried
 
 
 def calibrate(model: DynamicNet, data: DataLoader, budget: float, tol: float = TOLERANCE, iters: int = 8) -> dict:
-    """Set the most accurate gate thresholds on `data` whose mean FLOPs fraction is within `tol` of `budget` (the
-    closest ones if none is).
+    """Set the most accurate gate thresholds on `data` whose mean FLOPs fraction is within `tol` of `budget` and
+    at most `tol / 2` above it (the closest ones if none is).
 
     Returns:
         The threshold of every active gate ("kind:name"), the fraction and top-1 % they give on `data`, the direction
@@ -96,21 +103,22 @@ def calibrate(model: DynamicNet, data: DataLoader, budget: float, tol: float = T
     kinds = {kind: {k for k in start if k.startswith(kind + ":")} for kind in KINDS}
     directions = {"both": set(start)} | ({k: keys for k, keys in kinds.items() if keys} if all(kinds.values()) else {})
     tried = [(name, p) for name, d in directions.items() for p in _search(model, data, budget, start, d, tol, iters)]
-    best = _best(tried, tol)
+    best = _best(tried, budget, tol)
     at_start = next(p for _, p in tried if p["t"] == 0)
-    missed = best[1]["error"] > tol or best[1]["top1"] < at_start["top1"] - _FINER_AFTER
+    missed = not _meets(best[1], budget, tol) or best[1]["top1"] < at_start["top1"] - _FINER_AFTER
     if missed and len(kinds["layer"]) > 1:
         tried += [(key, p) for key in sorted(kinds["layer"]) for p in _search(model, data, budget, start, {key}, tol,
                                                                                 iters)]
-        best = _best(tried, tol)
+        best = _best(tried, budget, tol)
     name, chosen = best
     set_thresholds(model, chosen["thresholds"])
     return {"thresholds": chosen["thresholds"], "fraction": chosen["fraction"], "top1": chosen["top1"],
             "moved": name, "tried": len(tried)}
 
 
-def _best(tried: list[tuple[str, dict]], tol: float) -> tuple[str, dict]:
-    """The most accurate setting within `tol` of the budget (or the closest), the smallest move first."""
-    closest = min(p["error"] for _, p in tried)
-    return max(((n, p) for n, p in tried if p["error"] <= max(tol, closest)),
-               key=lambda item: (item[1]["top1"], -abs(item[1]["t"])))
+def _best(tried: list[tuple[str, dict]], budget: float, tol: float) -> tuple[str, dict]:
+    """The most accurate setting that meets the budget (or the closest), the smallest move first."""
+    meeting = [(n, p) for n, p in tried if _meets(p, budget, tol)]
+    if not meeting:
+        return min(tried, key=lambda item: item[1]["error"])
+    return max(meeting, key=lambda item: (item[1]["top1"], -abs(item[1]["t"])))
