@@ -74,8 +74,8 @@ def randomize_gates(net: torch.nn.Module, seed: int = 3) -> torch.nn.Module:
     with torch.no_grad():
         for _, _, gate in net.gates():
             last = gate.mlp[-1]
-            last.weight[:gate.units] = torch.randn(gate.units, last.in_features, generator=g) * 2
-            last.bias[:gate.units] = 0.3
+            last.weight[:gate.keep_logits] = torch.randn(gate.keep_logits, last.in_features, generator=g) * 2
+            last.bias[:gate.keep_logits] = 0.3
     return net
 
 
