@@ -45,6 +45,8 @@ class Gate(nn.Module):
     that was not trained stays open after save and load.
 
     Attributes:
+        keep_logits: how many keep logits the MLP predicts before the `units` scales: one per unit here, one per
+            bucket of channels in a `WidthGate`.
         tau: temperature of the relaxed decision (its gradient); <= 1 works best.
         noise: scale of the logistic noise in training (1: Gumbel-sigmoid; 0: deterministic).
         forced: if set, a 0/1 tensor broadcastable to [batch, units] that replaces the decisions.

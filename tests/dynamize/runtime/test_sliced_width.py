@@ -3,6 +3,7 @@ import pytest
 import timm
 import torch
 from helpers import randomize, randomize_gates
+from test_sliced import assert_runtime_equals_masked_graph, assert_runtime_follows_weight_changes
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dynamize
@@ -22,24 +23,21 @@ def model(request):
     return net.eval(), size
 
 
+def _mixed_widths(batch):
+    def check(net):
+        widths = [gate.last_keep.sum(1) for _, _, gate in net.gates() if isinstance(gate, WidthGate)]
+        assert batch == 1 or any(len(w.unique()) > 1 for w in widths)
+    return check
+
+
 @pytest.mark.parametrize("batch, channels_last", [(1, False), (5, False), (5, True)])
 def test_width_runtime_equals_masked_graph(model, batch, channels_last):
-    net, size = model
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    net = net.to(memory_format=fmt)
-    x = torch.randn(batch, 3, size, size).contiguous(memory_format=fmt)
-    generator = torch.Generator().manual_seed(batch)
-    try:
-        for p in (0.3, 0.7):
-            force_random(net, p, batch, generator)  # each image at one of the two widths around p: mixed widths
-            with torch.no_grad():
-                expected, got = use_runtime(net, None)(x), use_runtime(net)(x)
-            widths = {name: gate.last_keep.sum(1) for _, name, gate in net.gates() if isinstance(gate, WidthGate)}
-            assert batch == 1 or any(len(w.unique()) > 1 for w in widths.values())
-            torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
-    finally:
-        release(net)
-        net.to(memory_format=torch.contiguous_format)
+    # Each image at one of the two widths around the share kept: a batch mixes widths.
+    assert_runtime_equals_masked_graph(*model, "auto", batch, channels_last, check=_mixed_widths(batch))
+
+
+def test_width_runtime_follows_weight_changes(model):
+    assert_runtime_follows_weight_changes(*model)  # the cached weight slices too
 
 
 def test_width_runtime_equals_masked_graph_with_learned_decisions(model):
