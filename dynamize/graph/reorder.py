@@ -32,6 +32,7 @@ class Edit:
     dim: int
 
 
+_OWN = ""  # a rescale whose factors are the group's own channels: nothing more to reorder
 _SHARED = "shares a layer with another group (channels joined by a product), which would need the same order"
 _NORM = ("weight", "bias", "running_mean", "running_var")
 _LAYER_OUT = ("weight", "bias")
@@ -49,6 +50,7 @@ def find_edits(gm: fx.GraphModule, group: ChannelGroup) -> list[Edit] | str:
     for n in gm.graph.nodes:
         if n.op == "call_module":
             calls[target_path(n)] = calls.get(target_path(n), 0) + 1
+    members = {nodes[name] for name in group.members}
     edits = [Edit(target_path(nodes[group.producer]), _LAYER_OUT, 0)]
     for name in group.members[1:]:
         n = nodes[name]
@@ -73,11 +75,12 @@ def find_edits(gm: fx.GraphModule, group: ChannelGroup) -> list[Edit] | str:
             if u.op == "output":
                 return "its channels leave the unit"
             if ops.role(gm, u, group.axis) is ops.Role.RESCALE:
-                (factor,) = [a for a in u.all_input_nodes if a is not src] or [src]
-                source = _factor_layer(gm, factor)
+                factors = [a for a in u.all_input_nodes if a is not src]
+                source = _factor_layer(gm, factors[0], members) if factors else _OWN
                 if source is None:
                     return "its squeeze-excite factors do not come from one layer of its own"
-                edits.append(Edit(source, _LAYER_OUT, 0))
+                if source != _OWN:
+                    edits.append(Edit(source, _LAYER_OUT, 0))
             stack.append(u)
     if any(calls.get(e.module, 0) != 1 for e in edits):
         return "a layer of the group is called more than once (shared weights)"
@@ -88,11 +91,17 @@ def find_edits(gm: fx.GraphModule, group: ChannelGroup) -> list[Edit] | str:
     return edits
 
 
-def _factor_layer(gm: fx.GraphModule, factor: fx.Node) -> str | None:
-    """The layer whose output, through single-use elementwise ops (the gate's sigmoid), is a rescale's factor."""
+def _factor_layer(gm: fx.GraphModule, factor: fx.Node, members: set[fx.Node]) -> str | None:
+    """Where a rescale's per-channel factors come from: `_OWN` if from the group's own channels (`x * sigmoid(x)`:
+    already in the order), else the layer whose output reaches the factor only through single-use elementwise ops
+    (a squeeze-excite's expanding convolution and its sigmoid); None if neither."""
     n = factor
-    while len(n.users) == 1 and len(n.all_input_nodes) == 1 and ops.role(gm, n) is ops.Role.ELEMENTWISE:
+    while n not in members and len(n.all_input_nodes) == 1 and ops.role(gm, n) is ops.Role.ELEMENTWISE:
+        if len(n.users) != 1:
+            return None
         n = n.all_input_nodes[0]
+    if n in members:
+        return _OWN
     m = ops.module_of(gm, n)
     if len(n.users) == 1 and (ops.is_plain_conv(m) or isinstance(m, nn.Linear)):
         return target_path(n)

@@ -4,6 +4,7 @@ import pytest
 import timm
 import torch
 from helpers import randomize
+from torch import nn
 
 import dynamize
 from dynamize.errors import ModelError
@@ -62,3 +63,35 @@ def test_groups_joined_by_a_product_stay_per_channel():
 def test_unknown_channel_mode_is_refused():
     with pytest.raises(ModelError, match="--channel-mode must be one of channel, width"):
         dynamize.convert("test_resnet", img_size=32, channel_mode="prefix")
+
+
+class SwishBody(nn.Module):
+    """conv -> norm -> y * sigmoid(y) -> conv: a rescale whose factors are the group's own channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn, self.conv2 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        y = self.bn(self.conv1(x))
+        return self.conv2(y * torch.sigmoid(y))
+
+
+class SwishNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pretrained_cfg = {"architecture": "swish", "input_size": (3, 16, 16)}
+        self.body = SwishBody()
+
+    def forward(self, x):
+        return self.body(x).mean((2, 3))
+
+
+def test_a_rescale_by_the_groups_own_channels_is_reordered_once():
+    base = randomize(SwishNet()).eval()
+    net = dynamize.convert(base, img_size=16, channel_mode="width").eval()
+    assert [g.widths for g in net.plan.groups] == [[8, 16]]
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = base(x)
+        assert (dynamize.use_runtime(net, None)(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
