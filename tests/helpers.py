@@ -80,7 +80,12 @@ def randomize_gates(net: torch.nn.Module, seed: int = 3) -> torch.nn.Module:
 
 
 def make_runs(root: Path) -> dict:
-    """An image folder, the base model, a converted run (the teacher) and a fine-tuned-looking run pointing at both."""
+    """An image folder, the base model, a converted run (the teacher) and a fine-tuned-looking run pointing at both.
+
+    Seeded: module-scoped fixtures call it before the per-test seed, and the gates' unseeded hidden layers decide
+    how much the decisions vary (a test of the report needs them to).
+    """
+    torch.manual_seed(0)
     data = make_image_folder(root / "data", classes=CLASSES, per_class=8)
     base = randomize(timm.create_model("test_resnet", num_classes=CLASSES)).eval()
     teacher_run = dynamize.save(dynamize.convert(base, img_size=32), root / "runs" / "converted")
