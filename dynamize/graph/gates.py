@@ -164,9 +164,8 @@ class WidthGate(Gate):
         self.widths = list(widths)
         steps = [b - a for a, b in itertools.pairwise(widths)]
         # Channel c belongs to bucket bucket_of[c] - 1 (0: the channels always kept); bucket b has steps[b] channels.
-        self.register_buffer("bucket_of", torch.arange(len(widths)).repeat_interleave(torch.tensor([widths[0],
-                                                                                                   *steps])),
-                             persistent=False)
+        sizes = torch.tensor([widths[0], *steps])
+        self.register_buffer("bucket_of", torch.arange(len(widths)).repeat_interleave(sizes), persistent=False)
         self.register_buffer("steps", torch.tensor(steps, dtype=torch.float32), persistent=False)
 
     def expand(self, buckets: torch.Tensor) -> torch.Tensor:
