@@ -9,6 +9,12 @@ the Fashion-MNIST sweep) are timed with their learned decisions on test images o
 
     PYTHONPATH=. .venv/bin/python benchmarks/runtime.py --threads 2 --json docs/runtime.json \\
         --runs ~/.cache/dynamize/sweeps/resnet18/LC-b0.50 ~/.cache/dynamize/sweeps/resnet18/LC-b0.25
+
+`--compare-modes` times the C-Nets' two channel modes side by side instead (`dynamize convert --channel-mode`):
+per-channel decisions (gathered weights) against width mode (prefix slices), each against its own dense passes, over
+every model, fraction and batch size of the targets:
+
+    PYTHONPATH=. .venv/bin/python benchmarks/runtime.py --threads 1 --compare-modes --json docs/runtime-modes.json
 """
 import argparse
 import json
@@ -69,6 +75,43 @@ def table(rows: list[tuple[BenchResult, str, str]], title: str) -> Table:
     return t
 
 
+def modes_table(results: dict[tuple[str, float, int, str], BenchResult], title: str) -> Table:
+    """Channel and width mode side by side, per model, fraction asked and batch size."""
+    t = Table(title=title, title_justify="left")
+    for col in ("model", "fraction asked", "batch", "channel: FLOPs fraction", "channel: speedup (p10-p90)",
+                "width: FLOPs fraction", "width: speedup (p10-p90)", "width / channel time"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    for (model, fraction, batch, mode), r in results.items():
+        if mode != "channel" or (model, fraction, batch, "width") not in results:
+            continue
+        w = results[model, fraction, batch, "width"]
+        t.add_row(model, f"{fraction}", str(batch), f"{r.fraction:.3f}",
+                  f"{r.speedup:.2f}x ({r.speedup_p10:.2f}-{r.speedup_p90:.2f})", f"{w.fraction:.3f}",
+                  f"{w.speedup:.2f}x ({w.speedup_p10:.2f}-{w.speedup_p90:.2f})", f"{w.dynamic_ms / r.dynamic_ms:.2f}")
+    return t
+
+
+def compare_modes(targets: list[Target], args: argparse.Namespace, console: Console) -> list[dict]:
+    """Time every model, fraction and batch size of `targets` in both channel modes; print them side by side."""
+    models = list(dict.fromkeys(t.model for t in targets))
+    fractions = sorted({t.fraction for t in targets})
+    batches = sorted({t.batch for t in targets})
+    results: dict[tuple[str, float, int, str], BenchResult] = {}
+    for model in models:
+        for fraction in fractions:
+            for mode in ("channel", "width"):
+                net, dense, size = open_target(model, fraction, args.img_size, profitable_only=not args.all_gates,
+                                               channel_mode=mode)
+                for r in bench(net, dense, f"{model} ({mode})", batches, size, fraction=fraction,
+                               repeats=args.repeats, warmup=args.warmup):
+                    results[model, fraction, r.batch_size, mode] = r
+                console.print(modes_table(results, f"{model} @ {fraction}"))
+    console.print(modes_table(results, f"Channel vs width mode: {args.img_size} px, {torch.get_num_threads()} "
+                                       f"threads, {args.repeats} passes, random decisions"))
+    return [{**r.to_dict(), "channel_mode": mode, "fraction_asked": fraction}
+            for (_, fraction, _, mode), r in results.items()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -80,6 +123,7 @@ def main() -> None:
                                                                   "pay for themselves (default: profitable_only)")
     parser.add_argument("--runs", nargs="*", default=[], help="learned run directories to time on test images")
     parser.add_argument("--data", default="fashion-mnist", help="data set whose test images the runs are timed on")
+    parser.add_argument("--compare-modes", action="store_true", help="time channel and width mode side by side")
     parser.add_argument("--json", default="runtime-bench.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -92,6 +136,11 @@ def main() -> None:
     rows: list[tuple[BenchResult, str, str]] = []
     records = []
     targets = [t for t in TARGETS if not args.models or t.model in args.models]
+    if args.compare_modes:
+        records = compare_modes(targets, args, console)
+        Path(args.json).write_text(json.dumps({"machine": machine, "results": records}, indent=1))
+        console.print(f"wrote {args.json}")
+        return
     for model, fraction in dict.fromkeys((t.model, t.fraction) for t in targets):
         net, dense, size = open_target(model, fraction, args.img_size, profitable_only=not args.all_gates)
         for target in (t for t in targets if (t.model, t.fraction) == (model, fraction)):

@@ -23,13 +23,15 @@ def convert(
     gates: str = typer.Option("both", help="both | layer | channel"),
     profitable_only: bool = typer.Option(False, "--profitable-only", help="leave out the channel gates that cannot "
                                          "pay for themselves in wall-clock time at --img-size (listed as skipped)"),
+    channel_mode: str = typer.Option("channel", help="channel (a C-Net keeps any channels) | width (channels ordered "
+                                     "by importance, a C-Net keeps a prefix at one of a few widths: no gathers)"),
 ) -> None:
     """Insert L-Net / C-Net gates into a timm CNN and write a run directory."""
     console = Console()
     with console.status(f"building, tracing and gating {model}"):
         net, out = convert_to_run(model, output, checkpoint=checkpoint, pretrained=pretrained,
                                   num_classes=num_classes, in_chans=in_chans, img_size=img_size, gates=gates,
-                                  profitable_only=profitable_only)
+                                  profitable_only=profitable_only, channel_mode=channel_mode)
     print_plan(net.plan, f"dynamize plan for {net.plan.architecture}", console)
     console.print(f"wrote [bold]{out}[/bold]")
 

@@ -19,6 +19,8 @@ def plan_summary(plan: GatePlan, title: str) -> Table:
     t.add_row("original FLOPs / image", f"{plan.total_flops / 1e9:.3f} GFLOPs ({plan.total_flops / 2e9:.3f} GMACs)")
     t.add_row("blocks gated (L-Net)", str(s["blocks"]))
     t.add_row("channel groups gated (C-Net)", str(s["groups"]))
+    if plan.channel_mode == "width":
+        t.add_row("groups in width mode", f"{sum(bool(g.widths) for g in plan.groups)} (the others per channel)")
     t.add_row("FLOPs under gate control", f"{100 * s['controlled_share']:.1f}%")
     t.add_row("gate overhead", f"{100 * s['gate_overhead']:.3f}% of FLOPs")
     return t

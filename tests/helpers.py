@@ -74,13 +74,18 @@ def randomize_gates(net: torch.nn.Module, seed: int = 3) -> torch.nn.Module:
     with torch.no_grad():
         for _, _, gate in net.gates():
             last = gate.mlp[-1]
-            last.weight[:gate.units] = torch.randn(gate.units, last.in_features, generator=g) * 2
-            last.bias[:gate.units] = 0.3
+            last.weight[:gate.keep_logits] = torch.randn(gate.keep_logits, last.in_features, generator=g) * 2
+            last.bias[:gate.keep_logits] = 0.3
     return net
 
 
 def make_runs(root: Path) -> dict:
-    """An image folder, the base model, a converted run (the teacher) and a fine-tuned-looking run pointing at both."""
+    """An image folder, the base model, a converted run (the teacher) and a fine-tuned-looking run pointing at both.
+
+    Seeded: module-scoped fixtures call it before the per-test seed, and the gates' unseeded hidden layers decide
+    how much the decisions vary (a test of the report needs them to).
+    """
+    torch.manual_seed(0)
     data = make_image_folder(root / "data", classes=CLASSES, per_class=8)
     base = randomize(timm.create_model("test_resnet", num_classes=CLASSES)).eval()
     teacher_run = dynamize.save(dynamize.convert(base, img_size=32), root / "runs" / "converted")

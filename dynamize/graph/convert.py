@@ -13,7 +13,8 @@ from . import ops
 from .cost import channel_gate_pays, channel_gather_macs, gate_flops, node_flops, pool_flops
 from .find import Block, Graph, Group, find_blocks, find_groups, is_residual_add, owner
 from .gates import gate_hidden
-from .plan import GATE_KINDS, BlockSite, ChannelGroup, CostItem, GatePlan, Skipped
+from .plan import CHANNEL_MODES, GATE_KINDS, BlockSite, ChannelGroup, CostItem, GatePlan, Skipped
+from .reorder import assign_widths, reorder
 from .rewrite import DynamicNet, rewrite
 from .trace import check_cnn, input_error, input_node, tensor_shape, trace
 from .units import assign_units, common_unit, crosses_blocks, is_within
@@ -67,7 +68,8 @@ def _trace_at_size(model: nn.Module, img_size: int | None) -> tuple[fx.GraphModu
 
 
 def plan_model(model: nn.Module, *, gates: str = "both", img_size: int | None = None,
-               min_keep_share: float = MIN_KEEP_SHARE, profitable_only: bool = False) -> GatePlan:
+               min_keep_share: float = MIN_KEEP_SHARE, profitable_only: bool = False,
+               channel_mode: str = "channel") -> GatePlan:
     """Analyse a timm model and return its GatePlan without changing it.
 
     Args:
@@ -78,19 +80,25 @@ def plan_model(model: nn.Module, *, gates: str = "both", img_size: int | None = 
         profitable_only: leave out the channel groups whose gate cannot pay for itself in wall-clock time at
             `img_size` (`dynamize.graph.cost.channel_gate_pays`: small maps, where gathering the kept weights costs
             more than the dropped channels save); they are listed in `plan.skipped`.
+        channel_mode: "channel" (a C-Net keeps any subset of its channels) or "width" (a prefix of the channels,
+            ordered by importance at conversion, at one of a few widths; groups that cannot be reordered keep
+            per-channel decisions and `plan.skipped` says why).
 
     Raises:
         ModelError: the model cannot be traced, or has nothing to gate.
     """
     if gates not in GATE_KINDS:
         raise ModelError(f"--gates must be one of {', '.join(GATE_KINDS)}, not {gates!r}")
+    if channel_mode not in CHANNEL_MODES:
+        raise ModelError(f"--channel-mode must be one of {', '.join(CHANNEL_MODES)}, not {channel_mode!r}")
     arch = architecture_of(model)
     check_cnn(model)
     model = copy.deepcopy(model).eval()
     gm, size = _trace_at_size(model, img_size)
     flops = node_flops(gm, size)
     g = Graph(gm)
-    plan = GatePlan(architecture=arch, gates=gates, input_size=size, total_flops=sum(flops.values()))
+    plan = GatePlan(architecture=arch, gates=gates, input_size=size, total_flops=sum(flops.values()),
+                    channel_mode=channel_mode)
 
     blocks, plan.skipped = find_blocks(g)
     groups, skipped_groups = find_groups(g, blocks)
@@ -153,6 +161,9 @@ def plan_model(model: nn.Module, *, gates: str = "both", img_size: int | None = 
                                                                           gr.members + gr.sinks),
             gate_flops=gate_flops(in_ch, gr.channels, hidden), pool_flops=pool_flops(tensor_shape(gr.gate_input)),
             min_keep=0 if gr.block is not None else max(1, math.ceil(min_keep_share * gr.channels))))
+
+    if channel_mode == "width":
+        plan.skipped += assign_widths(plan, {u.path: u.gm for u in group_units if u is not None})
 
     block_of = {n: block_names[id(b)] for b in gated_blocks if id(b) in block_names for n in b.region}
     scaled_by: dict[fx.Node, list[str]] = {}
@@ -219,7 +230,8 @@ def _unique(name: str, used: set) -> str:
 
 
 def convert(model: str | nn.Module, *, gates: str = "both", img_size: int | None = None,
-            min_keep_share: float = MIN_KEEP_SHARE, profitable_only: bool = False, **timm_kwargs) -> DynamicNet:
+            min_keep_share: float = MIN_KEEP_SHARE, profitable_only: bool = False, channel_mode: str = "channel",
+            **timm_kwargs) -> DynamicNet:
     """Insert L-Net and/or C-Net gates into a timm CNN.
 
     Args:
@@ -229,6 +241,8 @@ def convert(model: str | nn.Module, *, gates: str = "both", img_size: int | None
         min_keep_share: share of channels a group with no shortcut around it always keeps.
         profitable_only: leave out channel gates that cannot pay for themselves in wall-clock time (see
             `plan_model`).
+        channel_mode: "channel" or "width" (see `plan_model`); in width mode the copy's channels are reordered by
+            importance, which leaves its function unchanged.
         **timm_kwargs: passed to `timm.create_model` when `model` is a name (e.g. num_classes, in_chans).
 
     Returns:
@@ -239,6 +253,10 @@ def convert(model: str | nn.Module, *, gates: str = "both", img_size: int | None
         model = create_base(model, **timm_kwargs)
     elif timm_kwargs:
         raise TypeError("timm keyword arguments apply only when `model` is a name")
-    return rewrite(model, plan_model(model, gates=gates, img_size=img_size, min_keep_share=min_keep_share,
-                                     profitable_only=profitable_only))
+    plan = plan_model(model, gates=gates, img_size=img_size, min_keep_share=min_keep_share,
+                      profitable_only=profitable_only, channel_mode=channel_mode)
+    if any(g.widths for g in plan.groups):
+        model = copy.deepcopy(model)
+        reorder(model, plan)
+    return rewrite(model, plan)
 

@@ -221,12 +221,13 @@ def flops_fraction(model: DynamicNet, images: torch.Tensor) -> torch.Tensor:
 def expected_fraction(plan: GatePlan, p: float, trained: str = "both") -> float:
     """Mean FLOPs fraction when every trained gate keeps each of its units independently with probability p.
 
-    Groups keep at least their `min_keep` channels; gates of a kind that is not trained stay open and cost nothing.
+    Groups keep at least the channels they always keep (`ChannelGroup.always_kept`); gates of a kind that is not
+    trained stay open and cost nothing.
     """
     one = torch.ones(1)
     layer, channel = trained in ("both", "layer"), trained in ("both", "channel")
     keep_block = {b.name: one * (p if layer else 1.0) for b in plan.blocks}
-    kept = {g.name: one * (max(p, g.min_keep / g.channels) if channel else 1.0) for g in plan.groups}
+    kept = {g.name: one * (max(p, g.always_kept / g.channels) if channel else 1.0) for g in plan.groups}
     active = {**{b.name: layer for b in plan.blocks}, **{g.name: channel for g in plan.groups}}
     if not keep_block and not kept:
         return 1.0
@@ -234,5 +235,6 @@ def expected_fraction(plan: GatePlan, p: float, trained: str = "both") -> float:
 
 
 def min_fraction(plan: GatePlan, trained: str = "both") -> float:
-    """The smallest mean FLOPs fraction the trained gates can reach: every block skipped, every group at min_keep."""
+    """The smallest mean FLOPs fraction the trained gates can reach: every block skipped, every group at the channels
+    it always keeps."""
     return expected_fraction(plan, 0.0, trained)

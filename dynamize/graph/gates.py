@@ -5,13 +5,17 @@ keep logit and a scale. An L-Net has one unit (its block); a C-Net has one unit 
 is a node of its own (`GatePool`) so that gates reading the same tensor share it. Gates start open with scale 1, so
 that a converted model computes exactly what the original computed.
 """
-from collections.abc import Callable
+import itertools
+import math
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 # Initial keep logit: open gates, with a small chance (sigmoid(-3) ~ 5%) that training noise explores a skip.
 OPEN_LOGIT = 3.0
+# A width-mode C-Net chooses among at most this many widths above the channels it always keeps.
+MAX_WIDTHS = 8
 
 
 def gate_hidden(in_channels: int) -> int:
@@ -41,6 +45,8 @@ class Gate(nn.Module):
     that was not trained stays open after save and load.
 
     Attributes:
+        keep_logits: how many keep logits the MLP predicts before the `units` scales: one per unit here, one per
+            bucket of channels in a `WidthGate`.
         tau: temperature of the relaxed decision (its gradient); <= 1 works best.
         noise: scale of the logistic noise in training (1: Gumbel-sigmoid; 0: deterministic).
         forced: if set, a 0/1 tensor broadcastable to [batch, units] that replaces the decisions.
@@ -52,15 +58,16 @@ class Gate(nn.Module):
     threshold: torch.Tensor
     active: torch.Tensor
 
-    def __init__(self, in_channels: int, units: int, hidden: int, min_keep: int = 0):
+    def __init__(self, in_channels: int, units: int, hidden: int, min_keep: int = 0, keep_logits: int | None = None):
         super().__init__()
         self.units, self.min_keep = units, min_keep
+        self.keep_logits = units if keep_logits is None else keep_logits
         self.mlp = nn.Sequential(nn.Linear(in_channels, hidden), nn.LayerNorm(hidden), nn.ReLU(inplace=True),
-                                 out := nn.Linear(hidden, 2 * units))
+                                 out := nn.Linear(hidden, self.keep_logits + units))
         nn.init.zeros_(out.weight)
         with torch.no_grad():
-            out.bias[:units] = OPEN_LOGIT
-            out.bias[units:] = 0.0
+            out.bias[:self.keep_logits] = OPEN_LOGIT
+            out.bias[self.keep_logits:] = 0.0
         self.register_buffer("threshold", torch.zeros(()))
         self.register_buffer("active", torch.ones((), dtype=torch.bool))
         self.tau = 1.0
@@ -90,8 +97,8 @@ class Gate(nn.Module):
         return self.last_keep
 
     def logits(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keep logits and scales, each [batch, units], from the pooled gate input."""
-        logit, delta = self.mlp(pooled).split(self.units, dim=1)
+        """Keep logits [batch, keep_logits] and scales [batch, units], from the pooled gate input."""
+        logit, delta = self.mlp(pooled).split([self.keep_logits, self.units], dim=1)
         return logit, 1.0 + delta
 
     def forward(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,13 +115,25 @@ class Gate(nn.Module):
         elif self.training:
             u = torch.rand_like(logit).clamp_(1e-6, 1 - 1e-6)
             soft = torch.sigmoid((logit - self.threshold + self.noise * (torch.log(u) - torch.log1p(-u))) / self.tau)
-            hard = self._at_least_min_keep(soft > 0.5, logit)
-            keep = hard.to(soft.dtype) + soft - soft.detach()
-            self.last_prob = torch.sigmoid(logit - self.threshold)
+            keep = self.relaxed(soft, logit)
+            self.last_prob = self.probability(logit)
         else:
-            keep = self._at_least_min_keep(logit > self.threshold, logit).to(logit.dtype)
+            keep = self.hard(logit)
         self.last_keep = keep
         return keep, scale
+
+    def hard(self, logit: torch.Tensor) -> torch.Tensor:
+        """Evaluation decisions, 0/1 [batch, units], from the keep logits."""
+        return self._at_least_min_keep(logit > self.threshold, logit).to(logit.dtype)
+
+    def relaxed(self, soft: torch.Tensor, logit: torch.Tensor) -> torch.Tensor:
+        """Training decisions [batch, units]: hard 0/1 forward, the gradient of the noisy sigmoids `soft` backward."""
+        hard = self._at_least_min_keep(soft > 0.5, logit)
+        return hard.to(soft.dtype) + soft - soft.detach()
+
+    def probability(self, logit: torch.Tensor) -> torch.Tensor:
+        """Keep probability of each unit without noise, [batch, units]."""
+        return torch.sigmoid(logit - self.threshold)
 
     def _at_least_min_keep(self, keep: torch.Tensor, logit: torch.Tensor) -> torch.Tensor:
         """Keep the `min_keep` units with the largest logits whatever the threshold says."""
@@ -124,13 +143,76 @@ class Gate(nn.Module):
         return keep.scatter(1, top, True)
 
 
-class ChannelGate(nn.Module):
-    """C-Net: scales the channels of its group, zeroing the dropped ones, from a decision made on the group input."""
+class WidthGate(Gate):
+    """A C-Net gate of width mode: keeps a prefix of its group's channels (ordered by importance at conversion).
 
-    def __init__(self, in_channels: int, channels: int, hidden: int, axis: int = 1, min_keep: int = 0):
+    It predicts one keep logit per *bucket*, the channels between two consecutive `widths`, and decisions are nested:
+    a bucket is kept when it and every narrower bucket are (straight-through in training, so the product of the
+    relaxed decisions carries the gradient). Decisions, probabilities and scales are per channel, [batch, units],
+    as for a `Gate`, so the masked graph, the FLOPs cost, the budget losses and calibration see no difference.
+
+    Args:
+        widths: the channel counts an image may keep, ascending; the first (at least `min_keep`) is always kept,
+            the last is every channel.
+    """
+
+    bucket_of: torch.Tensor
+    steps: torch.Tensor
+
+    def __init__(self, in_channels: int, widths: Sequence[int], hidden: int, min_keep: int = 0):
+        super().__init__(in_channels, widths[-1], hidden, min_keep, keep_logits=len(widths) - 1)
+        self.widths = list(widths)
+        steps = [b - a for a, b in itertools.pairwise(widths)]
+        # Channel c belongs to bucket bucket_of[c] - 1 (0: the channels always kept); bucket b has steps[b] channels.
+        sizes = torch.tensor([widths[0], *steps])
+        self.register_buffer("bucket_of", torch.arange(len(widths)).repeat_interleave(sizes), persistent=False)
+        self.register_buffer("steps", torch.tensor(steps, dtype=torch.float32), persistent=False)
+
+    def expand(self, buckets: torch.Tensor) -> torch.Tensor:
+        """Per-bucket values [batch, buckets] as per-channel values [batch, units] (1 for the channels always kept)."""
+        return torch.cat([buckets.new_ones(buckets.shape[0], 1), buckets], 1).index_select(1, self.bucket_of)
+
+    def hard(self, logit: torch.Tensor) -> torch.Tensor:
+        """Evaluation decisions, the prefix of each image's width: arithmetic only, no indexing (the runtime's
+        decisions take no gather)."""
+        kept = (logit > self.threshold).to(self.steps.dtype).cumprod(1)
+        return self.prefixes(self.widths[0] + kept @ self.steps).to(logit.dtype)
+
+    def relaxed(self, soft: torch.Tensor, logit: torch.Tensor) -> torch.Tensor:
+        return self.expand(((soft > 0.5).to(soft.dtype) + soft - soft.detach()).cumprod(1))
+
+    def probability(self, logit: torch.Tensor) -> torch.Tensor:
+        return self.expand(torch.sigmoid(logit - self.threshold).cumprod(1))
+
+    def prefixes(self, widths: torch.Tensor) -> torch.Tensor:
+        """0/1 decisions [batch, units] keeping the first `widths[i]` channels of image i (e.g. to force them)."""
+        return (torch.arange(self.units, device=widths.device) < widths[:, None]).to(self.steps.dtype)
+
+
+def width_choices(channels: int, min_keep: int = 0) -> list[int]:
+    """The widths a width-mode C-Net chooses from: at most `MAX_WIDTHS` steps of a multiple of 8 (16 for groups of
+    256 channels or more), starting at `min_keep` rounded up to a step; empty when that leaves no choice."""
+    unit = 8 if channels < 256 else 16
+    step = unit * math.ceil(channels / (MAX_WIDTHS * unit))
+    first = min(channels, math.ceil(min_keep / step) * step)
+    widths = [*range(first, channels, step), channels]
+    return widths if len(widths) > 1 else []
+
+
+class ChannelGate(nn.Module):
+    """C-Net: scales the channels of its group, zeroing the dropped ones, from a decision made on the group input.
+
+    With `widths` (width mode), its gate keeps a prefix of the channels at one of those widths (`WidthGate`).
+    """
+
+    def __init__(self, in_channels: int, channels: int, hidden: int, axis: int = 1, min_keep: int = 0,
+                 widths: Sequence[int] = ()):
         super().__init__()
         self.axis = axis
-        self.gate = Gate(in_channels, channels, hidden, min_keep)
+        if widths and widths[-1] != channels:
+            raise ValueError(f"the widths {list(widths)} of a C-Net must end at its {channels} channels")
+        self.gate = WidthGate(in_channels, widths, hidden, min_keep) if widths else \
+            Gate(in_channels, channels, hidden, min_keep)
 
     def forward(self, pooled: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         keep, scale = self.gate(pooled)

@@ -11,6 +11,9 @@ from ..errors import RunError
 
 PLAN_VERSION = 2
 GATE_KINDS = ("both", "layer", "channel")
+# How a C-Net keeps channels: any subset of them ("channel", the paper's), or a prefix of channels ordered by
+# importance at conversion, at one of a few widths ("width": no gathers at inference).
+CHANNEL_MODES = ("channel", "width")
 
 
 @dataclass
@@ -72,6 +75,8 @@ class ChannelGroup:
         pool_flops: FLOPs of average-pooling the gate input (paid once for all gates that read it).
         min_keep: channels every image keeps. A group outside every residual branch has no shortcut around it:
             losing all of its channels would cut the network, so it keeps a share (see `MIN_KEEP_SHARE`).
+        widths: in width mode, the channel counts an image may keep, ascending (the first is always kept, the last
+            is every channel); the group's channels were ordered by importance at conversion. Empty: any subset.
     """
     name: str
     unit: str
@@ -89,6 +94,12 @@ class ChannelGroup:
     gate_flops: int
     pool_flops: int
     min_keep: int = 0
+    widths: list[int] = field(default_factory=list)
+
+    @property
+    def always_kept(self) -> int:
+        """Channels every image keeps: `min_keep`, rounded up to the first width in width mode."""
+        return self.widths[0] if self.widths else self.min_keep
 
     @property
     def pool(self) -> str:
@@ -121,6 +132,8 @@ class GatePlan:
     """Which gates go where in one architecture, and the FLOPs accounting that goes with them.
 
     `none_args` names, per unit, the forward arguments the model passes as None (traced as constants).
+    `channel_mode` is "channel" or "width" (see `CHANNEL_MODES`); in width mode a group whose channels could not be
+    reordered keeps per-channel decisions (no `widths`) and `skipped` says why.
     """
     architecture: str
     gates: str
@@ -131,6 +144,7 @@ class GatePlan:
     costs: list[CostItem] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     none_args: dict[str, list[str]] = field(default_factory=dict)
+    channel_mode: str = "channel"
     version: int = PLAN_VERSION
 
     @property
@@ -190,4 +204,7 @@ class GatePlan:
             raise RunError(f"the gate plan in config.json is malformed ({e}); re-run `dynamize convert`") from None
         if plan.gates not in GATE_KINDS:
             raise RunError(f"the gate plan names unknown gates {plan.gates!r}; expected one of {GATE_KINDS}")
+        if plan.channel_mode not in CHANNEL_MODES:
+            raise RunError(f"the gate plan names an unknown channel mode {plan.channel_mode!r}; expected one of "
+                           f"{CHANNEL_MODES}")
         return plan

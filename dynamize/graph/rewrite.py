@@ -167,7 +167,7 @@ def _insert_gates(unit: DynamicUnit, graph: fx.Graph, blocks: list[BlockSite],
     gate_nodes: dict[str, fx.Node] = {}
     for grp in groups:
         key = gate_key(grp.name)
-        unit.cnets[key] = ChannelGate(grp.in_channels, grp.channels, grp.hidden, grp.axis, grp.min_keep)
+        unit.cnets[key] = ChannelGate(grp.in_channels, grp.channels, grp.hidden, grp.axis, grp.min_keep, grp.widths)
         pooled = pool(grp.gate_input, grp.axis)
         after = node(grp.gate_after)
         with graph.inserting_after(after):

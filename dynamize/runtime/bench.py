@@ -18,6 +18,7 @@ from torch import nn
 from ..errors import DynamizeError, OutputError, RunError
 from ..graph.convert import convert
 from ..graph.cost import expected_fraction, flops_per_image, min_fraction
+from ..graph.gates import WidthGate
 from ..graph.plan import GatePlan
 from ..graph.rewrite import DynamicNet
 from ..io.atomic import write_json
@@ -94,7 +95,8 @@ def force_random(net: DynamicNet, p: float, batch: int, generator: torch.Generat
     """Force every gate of `net` to random per-image decisions that keep a share p of its units.
 
     Each image keeps exactly round(p * n) of its n blocks and of each group's channels (a random subset), so that
-    even a single image lands close to the expected FLOPs fraction.
+    even a single image lands close to the expected FLOPs fraction; a width-mode group keeps a prefix, at one of the
+    two widths around p of its channels.
     """
     blocks = [gate for kind, _, gate in net.gates() if kind == "layer"]
     if blocks:
@@ -102,8 +104,21 @@ def force_random(net: DynamicNet, p: float, batch: int, generator: torch.Generat
         for j, gate in enumerate(blocks):
             gate.forced = keep[:, j:j + 1]
     for kind, _, gate in net.gates():
-        if kind == "channel":
+        if isinstance(gate, WidthGate):
+            gate.forced = gate.prefixes(_widths(p, batch, gate.widths, generator))
+        elif kind == "channel":
             gate.forced = _exactly(p, batch, gate.units, generator, gate.min_keep)
+
+
+def _widths(p: float, batch: int, widths: list[int], generator: torch.Generator) -> torch.Tensor:
+    """[batch] random widths among `widths` whose mean is p of the channels (or the narrowest width, if more): each
+    image takes one of the two widths around that mean, the wider one with the probability that gives the mean."""
+    target = max(p * widths[-1], widths[0])
+    hi = next(i for i, w in enumerate(widths) if w >= target)
+    lo = max(hi - 1, 0)
+    share = (target - widths[lo]) / max(widths[hi] - widths[lo], 1)
+    wider = torch.rand(batch, generator=generator) < share
+    return torch.where(wider, widths[hi], widths[lo])
 
 
 def _exactly(p: float, batch: int, units: int, generator: torch.Generator, at_least: int = 0) -> torch.Tensor:
@@ -206,8 +221,8 @@ def bench(net: DynamicNet, dense: nn.Module, name: str, batch_sizes: Sequence[in
     return results
 
 
-def open_target(target: str, fraction: float | None, img_size: int | None,
-                profitable_only: bool = False) -> tuple[DynamicNet, nn.Module, int]:
+def open_target(target: str, fraction: float | None, img_size: int | None, profitable_only: bool = False,
+                channel_mode: str = "channel") -> tuple[DynamicNet, nn.Module, int]:
     """The gated model, its dense twin (same weights, no gates) and the input size to time them at.
 
     Args:
@@ -216,6 +231,7 @@ def open_target(target: str, fraction: float | None, img_size: int | None,
         img_size: square input size; default: the size the plan counts FLOPs at.
         profitable_only: convert a model name without the channel gates that cannot pay for themselves (see
             `dynamize.graph.convert.plan_model`); a run keeps the gates it was trained with.
+        channel_mode: how a model name's C-Nets keep channels, "channel" or "width" (a run keeps its own).
 
     Raises:
         DynamizeError: not a run directory, unknown model name, a model name without `fraction`, or a bad fraction.
@@ -232,7 +248,7 @@ def open_target(target: str, fraction: float | None, img_size: int | None,
         if fraction is None:
             raise DynamizeError(f"{target} is a model name, which has no learned decisions; pass --fraction F to "
                                 "time random decisions with that FLOPs fraction, or pass a run directory")
-        net = convert(target, img_size=img_size, profitable_only=profitable_only)
+        net = convert(target, img_size=img_size, profitable_only=profitable_only, channel_mode=channel_mode)
     plan = net.plan
     dense = create_base(plan.architecture, num_classes=net.num_classes, in_chans=plan.input_size[0])
     dense.load_state_dict(net.base_state_dict(), strict=True)

@@ -9,6 +9,9 @@
   channels it dropped, multiplied by zero). Weights are gathered per image and the batch runs in one batched call
   (a batched matmul, or a convolution with one group per image), not in a Python loop over images.
 
+A width-mode group (`WidthGate`) keeps prefixes: its batch runs the first channels up to its widest image's width,
+and its layers slice their weights instead of gathering them.
+
 The values that flow between the layers of a group are its *compact* tensors: [N, K, H, W] (or [N, H, W, K] for
 channels-last groups), where channel j of image i is the group's channel `idx[i, j]` (`idx[0, j]` if shared).
 """
@@ -18,7 +21,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from ..graph.gates import Gate
+from ..graph.gates import Gate, WidthGate
 
 # Per image, a layer runs batch-1 convolutions (or a batched matmul of batch-1 products): slower per MAC than one
 # convolution over the whole batch, the more so the smaller the map. Measured (1 and 2 threads, 3x3 and 1x1 layers of
@@ -47,12 +50,15 @@ class Kept:
         idx: [1, K] kept channels shared by the batch, [N, K] per image, or None for every channel.
         mult: [N, K] (or [N, channels]) keep * scale of the channels computed; zero where an image dropped one.
         channels_last: the model runs channels-last tensors; per-image layers hand full-width outputs back in it.
+        width: set when the kept channels are the first `width` ones (width mode; `idx` is then `arange(width)`,
+            for the layers that have no faster way): layers run on prefix slices of their weights, no gathers.
     """
     axis: int
     channels: int
     idx: torch.Tensor | None
     mult: torch.Tensor
     channels_last: bool = False
+    width: int | None = None
 
     @property
     def per_image(self) -> bool:
@@ -78,12 +84,10 @@ def decisions(gate: Gate, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     h = torch.addmm(first.bias, pooled, first.weight.t())
     h = torch.layer_norm(h, norm.normalized_shape, norm.weight, norm.bias, norm.eps).relu_()
     out = torch.addmm(last.bias, h, last.weight.t())
-    units = gate.units
-    logit, scale = out[:, :units], out[:, units:].add_(1.0)
-    if gate.forced is not None:
-        keep = gate.forced.to(logit.dtype).expand(out.shape[0], units)
-    else:
-        keep = gate._at_least_min_keep(logit > gate.threshold, logit).to(logit.dtype)
+    k = gate.keep_logits
+    logit, scale = out[:, :k], out[:, k:].add_(1.0)
+    keep = gate.forced.to(logit.dtype).expand(out.shape[0], gate.units) if gate.forced is not None else \
+        gate.hard(logit)
     gate.last_keep, gate.last_prob = keep, None
     return keep, scale
 
@@ -112,6 +116,12 @@ class Decide(nn.Module):
         mult = keep * scale
         n, c = keep.shape
         channels_last = upstream.channels_last if upstream is not None else is_channels_last(x)
+        if isinstance(self.gate, WidthGate):  # prefixes: the batch's union is its widest image's prefix
+            width = max(int(keep.sum(1).max()), 1)  # an image that keeps nothing runs one channel at zero
+            if width == c:
+                return Kept(self.axis, c, None, mult, channels_last)
+            return Kept(self.axis, c, torch.arange(width, device=keep.device)[None], mult[:, :width], channels_last,
+                        width)
         union = keep.amax(0) if n > 1 else keep[0]
         kept_union = _bucket(int(union.sum()), c)
         per_image_k = _bucket(int(keep.sum(1).max()), c) if n > 1 else kept_union

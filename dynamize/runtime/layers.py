@@ -4,6 +4,7 @@ Each module takes the group's compact tensors and `Kept` decisions (see `decide.
 channels only, what the masked graph computes: layers (`Role.LAYER`) gather the rows of their kept filters or input
 channels from weights prepared once (`packing.py`), per-channel layers (`Role.CHANNELWISE`) their kept parameters,
 and the squeeze-excite rescale (`Role.RESCALE`) its kept factors. Elementwise ops and the squeeze need no change.
+Width-mode groups keep a prefix of their channels: every op slices instead of gathering (`PrefixCache`).
 """
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,7 @@ from torch import nn
 
 from ..graph.cost import gather_macs
 from .decide import Kept, is_channels_last
-from .packing import folded, norm_affine
+from .packing import Weights, folded, norm_affine
 
 
 def _conv(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -75,9 +76,12 @@ class SlicedLayer(nn.Module):
         self.layer = layer
         self.pointwise = _is_pointwise(layer)
         self.packed = folded(layer, norm, transposed=self.pointwise)
+        self.prefixes = PrefixCache()
 
     def forward(self, x: torch.Tensor, inp: Kept | None, out: Kept | None) -> torch.Tensor:
         packed = self.packed.get()
+        if _is_prefix(inp) and _is_prefix(out):
+            return self._prefix(x, packed, inp.width if inp else None, out.width if out else None)
         weight, bias = packed.weight, packed.bias
         in_idx = inp.idx if inp is not None else None
         out_idx = out.idx if out is not None else None
@@ -116,6 +120,14 @@ class SlicedLayer(nn.Module):
                   bias if bias is None else bias.reshape(-1), groups=n)
         return y.reshape(n, -1, *y.shape[2:])
 
+    def _prefix(self, x: torch.Tensor, packed: Weights, inputs: int | None, outputs: int | None) -> torch.Tensor:
+        """The layer on its first `inputs` input and `outputs` output channels (None: all), from cached slices."""
+        channels_last = _channels_last_input(x)
+        weight, bias = self.prefixes.get(packed, inputs, outputs, channels_last and not self.pointwise)
+        if self.pointwise or isinstance(self.layer, nn.Linear):
+            return self._pointwise(x, weight.reshape(1, weight.shape[0], -1), bias, channels_last)
+        return _conv(self.layer, x, weight, bias, groups=1)
+
     def _scatter_is_cheaper(self, x: torch.Tensor, inp: Kept, in_idx: torch.Tensor) -> bool:
         """For a layer gated on its inputs only: is running it on all inputs (zeros for the dropped ones) cheaper
         than gathering the kept input columns of its weights? True on tiny maps (squeeze-excite, late stages)."""
@@ -144,6 +156,38 @@ class SlicedLayer(nn.Module):
         else:  # the bias added by the product itself: one pass over the output less
             y = torch.baddbmm(bias.reshape(-1, bias.shape[-1], 1), w.expand(n, -1, -1), xs)
         return y.reshape(n, -1, h, wd)
+
+
+def _is_prefix(kept: Kept | None) -> bool:
+    """No decisions (every channel), or a prefix of the channels (width mode)."""
+    return kept is None or kept.width is not None
+
+
+class PrefixCache:
+    """A layer's weights sliced to the first channels, per (inputs, outputs) width: a slice that is not already a
+    contiguous view (kept inputs of a convolution) is copied once and reused while the prepared weights stay the same.
+    At most `SIZE` slices are kept (a width-mode group has a few widths, so a layer meets a few pairs)."""
+
+    SIZE = 16
+
+    def __init__(self) -> None:
+        self._source: Weights | None = None
+        self._slices: dict[tuple[int | None, int | None, bool], tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def get(self, packed: Weights, inputs: int | None, outputs: int | None,
+            channels_last: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight, bias) of the first `inputs` input and `outputs` output channels, in the memory format asked."""
+        if packed is not self._source:  # the weights were prepared again: every slice is stale
+            self._source, self._slices = packed, {}
+        key = (inputs, outputs, channels_last)
+        if key not in self._slices:
+            if len(self._slices) >= self.SIZE:
+                self._slices.pop(next(iter(self._slices)))
+            weight = packed.weight[:outputs, :inputs]
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            bias = packed.bias if packed.bias is None else packed.bias[:outputs]
+            self._slices[key] = weight.contiguous(memory_format=fmt), bias
+        return self._slices[key]
 
 
 def _matmul_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -197,6 +241,9 @@ def _scatter(x: torch.Tensor, kept: Kept) -> torch.Tensor:
     full = x.new_zeros(shape)
     if kept.axis == 1 and kept.channels_last:
         full = full.contiguous(memory_format=torch.channels_last)
+    if kept.width is not None:
+        full.narrow(kept.axis, 0, kept.width).copy_(x)
+        return full
     if not kept.per_image:
         return full.index_copy_(kept.axis, kept.idx[0], x)
     return full.scatter_(kept.axis, kept.view(kept.idx).expand_as(x), x)
@@ -228,6 +275,9 @@ class SlicedDepthwise(nn.Module):
         weight, bias = self.packed.get()[:2]
         if kept.idx is None:
             return _conv(self.conv, x, weight, bias, groups=weight.shape[0])
+        if kept.width is not None:
+            return _conv(self.conv, x, weight[:kept.width], bias if bias is None else bias[:kept.width],
+                         groups=kept.width)
         if not kept.per_image:
             return _conv(self.conv, x, weight.index_select(0, kept.idx[0]),
                          bias if bias is None else bias.index_select(0, kept.idx[0]), groups=kept.idx.shape[1])
@@ -253,7 +303,9 @@ class SlicedNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, kept: Kept) -> torch.Tensor:
         scale, shift = self.packed.get()
-        if kept.idx is not None:
+        if kept.width is not None:
+            scale, shift = scale[None, :kept.width], shift[None, :kept.width]
+        elif kept.idx is not None:
             scale, shift = _rows(scale, kept.idx), _rows(shift, kept.idx)
         else:
             scale, shift = scale[None], shift[None]
@@ -277,6 +329,8 @@ class ScaleBy(nn.Module):
     def forward(self, x: torch.Tensor, other: torch.Tensor, kept: Kept) -> torch.Tensor:
         if kept.idx is None or other.shape[kept.axis] == 1:
             return x * other
+        if kept.width is not None:
+            return x * other.narrow(kept.axis, 0, kept.width)
         if not kept.per_image:
             return x * other.index_select(kept.axis, kept.idx[0])
         other = other.expand(x.shape[0], *other.shape[1:])
@@ -297,6 +351,8 @@ class CompactPool(nn.Module):
         pooled = x.mean((2, 3)) if self.axis == 1 else x.mean((1, 2))
         if kept.idx is None:
             return pooled
+        if kept.width is not None:
+            return F.pad(pooled, (0, kept.channels - kept.width))
         full = pooled.new_zeros(pooled.shape[0], kept.channels)
         if not kept.per_image:
             return full.index_copy_(1, kept.idx[0], pooled)

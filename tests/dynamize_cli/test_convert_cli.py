@@ -43,3 +43,19 @@ def test_convert_with_checkpoint(tmp_path):
     for name in ("w.safetensors", "w.pth"):
         assert run(["convert", "test_resnet", *ARGS, "--checkpoint", str(tmp_path / name),
                     "-o", str(tmp_path / f"run-{name}")]) == 0
+
+
+def test_convert_width_mode_is_recorded_and_replayed(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(["convert", "test_efficientnet", *ARGS, "--channel-mode", "width", "-o", str(out)]) == 0
+    assert "groups in width mode" in capsys.readouterr().out
+    plan = json.loads((out / "config.json").read_text())["dynamize"]["plan"]
+    assert plan["channel_mode"] == "width" and all(g["widths"] for g in plan["groups"])
+    assert run(["inspect", str(out)]) == 0
+
+
+def test_convert_refuses_an_unknown_channel_mode_in_one_line(tmp_path, capsys):
+    assert run(["convert", "test_resnet", *ARGS, "--channel-mode", "narrow", "-o", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--channel-mode must be one of channel, width" in err
+    assert not (tmp_path / "run").exists()

@@ -43,21 +43,26 @@ def one_thread():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("channel_mode", ["channel", "width"])
 @pytest.mark.parametrize("name", sorted(ARCHS))
-def test_convert_exact_and_round_trip(name, tmp_path):
+def test_convert_exact_and_round_trip(name, channel_mode, tmp_path):
+    """Open gates compute what the model did, also in width mode, whose channels are reordered (and saved so)."""
     size = ARCHS[name]
     base = randomize(timm.create_model(name, num_classes=7)).eval()
     if name in NOT_GATEABLE:
         with pytest.raises(ModelError, match="nothing dynamize can gate"):
-            dynamize.convert(base, img_size=size)
+            dynamize.convert(base, img_size=size, channel_mode=channel_mode)
         return
-    net = dynamize.convert(base, img_size=size).eval()
+    net = dynamize.convert(base, img_size=size, channel_mode=channel_mode).eval()
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         ref, out = base(x), net(x)
         masked = dynamize.use_runtime(net, None)(x)
         dynamize.use_runtime(net)
-    assert (masked - ref).abs().max() <= 1e-5 * ref.abs().max()  # the gated graph computes what the model did
+    # The gated graph computes what the model did; reordered channels (width mode) sum in another order, which moves
+    # float32 results as much as float32 rounding moves the model itself (fbnetv3_b: 2e-5; float64: 4e-15).
+    exact = 1e-5 if channel_mode == "channel" else 1e-4
+    assert (masked - ref).abs().max() <= exact * ref.abs().max()
     assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()  # so does the fast path, its norms folded: rounding
 
     plan = net.plan

@@ -5,6 +5,7 @@ import torch
 from helpers import randomize
 
 from dynamize.graph import convert, flops_fraction
+from dynamize.graph.gates import ChannelGate, WidthGate, width_choices
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +92,33 @@ def test_a_frozen_gate_that_skips_every_image_leaves_the_shortcut_untouched():
     x = torch.randn(4, 3, 32, 32, requires_grad=True)
     net(x).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_width_gate_decisions_are_prefixes_at_its_widths(training):
+    widths = width_choices(40, min_keep=3)
+    gate = WidthGate(6, widths, 8, min_keep=3).train(training)
+    torch.nn.init.normal_(gate.mlp[-1].weight, std=3.0)  # logits that differ between buckets and images
+    keep, scale = gate(torch.randn(64, 6))
+    kept = keep.detach().sum(1).round()  # straight-through values are 0/1 up to rounding
+    assert keep.shape == scale.shape == (64, 40)
+    torch.testing.assert_close(keep.detach(), gate.prefixes(kept), atol=1e-6, rtol=0)  # prefixes only
+    assert set(kept.int().tolist()) <= set(widths) and len(set(kept.tolist())) > 1
+    if training:  # the nested straight-through decisions carry a gradient to every bucket's logit
+        (keep * torch.arange(40.0)).sum().backward()
+        assert (gate.mlp[-1].weight.grad[:gate.keep_logits].abs().sum(1) > 0).all()
+        assert torch.equal(gate.last_prob, gate.last_prob.cummin(1).values)  # nested: never rises with the channel
+
+
+def test_width_choices_are_few_multiples_of_8_or_16_above_min_keep():
+    assert width_choices(64) == [0, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert width_choices(72, min_keep=18) == [32, 48, 64, 72]
+    wide = width_choices(2048)
+    assert len(wide) == 9 and all(w % 16 == 0 for w in wide)
+    assert width_choices(8, min_keep=2) == []  # the first step is every channel: nothing to choose
+
+
+def test_width_channel_gate_starts_open():
+    gate = ChannelGate(6, 24, 8, widths=width_choices(24)).eval()
+    x = torch.randn(2, 24, 3, 3)
+    assert torch.equal(gate(torch.randn(2, 6), x), x)

@@ -32,9 +32,20 @@ def test_json_round_trip():
     assert again == plan and again.to_dict() == plan.to_dict()
 
 
-def test_json_round_trip_of_a_converted_model():
-    plan = dynamize.convert("test_resnet", num_classes=3, img_size=32).plan
+@pytest.mark.parametrize("channel_mode", ["channel", "width"])
+def test_json_round_trip_of_a_converted_model(channel_mode):
+    plan = dynamize.convert("test_resnet", num_classes=3, img_size=32, channel_mode=channel_mode).plan
     assert GatePlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+
+
+def test_plan_of_an_earlier_version_2_reads_as_channel_mode():
+    """Plans written before width mode have neither `channel_mode` nor `widths`: per-channel decisions."""
+    d = small_plan().to_dict()
+    del d["channel_mode"]
+    for g in d["groups"]:
+        del g["widths"]
+    plan = GatePlan.from_dict(d)
+    assert plan.channel_mode == "channel" and all(g.widths == [] for g in plan.groups)
 
 
 def test_derived_numbers():
@@ -75,4 +86,11 @@ def test_unknown_gate_kind_is_refused():
     d = small_plan().to_dict()
     d["gates"] = "all"
     with pytest.raises(RunError, match="unknown gates 'all'"):
+        GatePlan.from_dict(d)
+
+
+def test_unknown_channel_mode_is_refused():
+    d = small_plan().to_dict()
+    d["channel_mode"] = "narrow"
+    with pytest.raises(RunError, match="unknown channel mode 'narrow'"):
         GatePlan.from_dict(d)

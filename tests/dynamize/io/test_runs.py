@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 
 import dynamize
 from dynamize.errors import RunError
-from dynamize.io.runs import check_run
+from dynamize.graph.gates import WidthGate
+from dynamize.io.runs import check_run, load_base
 from dynamize.training.calibrate import set_thresholds
 from dynamize.training.distill import configure_gates
 
@@ -67,3 +68,19 @@ def test_check_run_refuses_what_cannot_be_trusted(good_run, tmp_path, damage, me
     assert check_run(good_run).plan is not None
     with pytest.raises(RunError, match=message):
         check_run(_damaged(good_run, tmp_path, damage))
+
+
+def test_width_run_round_trips_its_reordered_weights(tmp_path):
+    base = randomize(timm.create_model("test_efficientnet", num_classes=3)).eval()
+    net = randomize_gates(dynamize.convert(base, img_size=64, channel_mode="width")).eval()
+    images = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        before = net(images)
+        loaded = dynamize.load(dynamize.save(net, tmp_path / "run"))
+        after = loaded(images)
+        original, teacher = base(images), load_base(tmp_path / "run")(images)
+    assert loaded.plan.to_dict() == net.plan.to_dict() and loaded.plan.channel_mode == "width"
+    assert all(isinstance(loaded.channel_gate(g.name), WidthGate) for g in loaded.plan.groups if g.widths)
+    assert torch.equal(before, after)
+    # The original model inside the run is the reordered one: other weights, the same function.
+    assert (teacher - original).abs().max() <= 1e-5 * original.abs().max()

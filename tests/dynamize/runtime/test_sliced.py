@@ -41,7 +41,12 @@ def _masked_and_fast(net, x, channels="auto"):
     ("union", 1, False), ("union", 3, False), ("split", 3, False), ("auto", 1, True), ("auto", 3, True),
     ("split", 3, True)])
 def test_runtime_equals_masked_graph(model, channels, batch, channels_last):
-    net, size = model
+    assert_runtime_equals_masked_graph(*model, channels, batch, channels_last)
+
+
+def assert_runtime_equals_masked_graph(net, size, channels, batch, channels_last, check=lambda net: None):
+    """The runtime computes what the masked graph computes, with random decisions keeping 0.3 and 0.7 of the
+    units; `check(net)` inspects each pass's decisions."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     net = net.to(memory_format=fmt)
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=fmt)
@@ -50,6 +55,7 @@ def test_runtime_equals_masked_graph(model, channels, batch, channels_last):
         for p in (0.3, 0.7):
             force_random(net, p, batch, generator)
             expected, got = _masked_and_fast(net, x, channels)
+            check(net)
             torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
     finally:
         release(net)
@@ -69,7 +75,11 @@ def test_runtime_with_every_gate_closed(model):
 
 
 def test_runtime_follows_weight_changes(model):
-    net, size = model
+    assert_runtime_follows_weight_changes(*model)
+
+
+def assert_runtime_follows_weight_changes(net, size):
+    """After in-place weight updates and `load_state_dict`, the runtime computes with the new weights."""
     x = torch.randn(2, 3, size, size)
     try:
         force_random(net, 0.5, 2, torch.Generator().manual_seed(0))

@@ -12,8 +12,10 @@ from dynamize.training.data import DataSpec, datasets, loader
 SIZE = 32
 
 
-def test_calibration_meets_budget_on_its_split(image_folder):
-    student = dynamize.convert(randomize(timm.create_model("test_resnet", num_classes=3)), img_size=SIZE)
+@pytest.mark.parametrize("channel_mode", ["channel", "width"])
+def test_calibration_meets_budget_on_its_split(image_folder, channel_mode):
+    student = dynamize.convert(randomize(timm.create_model("test_resnet", num_classes=3)), img_size=SIZE,
+                               channel_mode=channel_mode)
     with torch.no_grad():  # trained-looking gates: logits that vary with the input
         for _, _, gate in student.gates():
             gate.mlp[-1].weight.normal_(0, 2.0)

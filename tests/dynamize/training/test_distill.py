@@ -1,4 +1,5 @@
 """Budget-controlled distillation on a tiny model and data set: the gates reach the budget in training, then settle."""
+import pytest
 import timm
 import torch
 from helpers import make_image_folder, randomize
@@ -14,7 +15,7 @@ from dynamize.training.recipe import load_recipe
 SIZE = 32
 
 
-def _setup(tmp_path, **kw):
+def _setup(tmp_path, channel_mode="channel", **kw):
     folder = make_image_folder(tmp_path / "data", per_class=40)
     values = dict(model="test_resnet", data=str(folder), img_size=SIZE, in_chans=3, epochs=6, batch_size=8,
                   calib_size=24, workers=0, lr_backbone=1e-3, lr_gates=0.05, anneal_fraction=0.3)
@@ -22,13 +23,14 @@ def _setup(tmp_path, **kw):
     recipe = load_recipe(None, **values)
     train, calib, _ = datasets(DataSpec(recipe.data, None, SIZE, 3), recipe.calib_size)
     teacher = randomize(timm.create_model("test_resnet", num_classes=3)).eval()
-    student = dynamize.convert(teacher, img_size=SIZE)
+    student = dynamize.convert(teacher, img_size=SIZE, channel_mode=channel_mode)
     configure_gates(student, recipe.gates, recipe.gumbel_tau)
     return recipe, train, loader(calib, 24), student, teacher
 
 
-def test_gates_reach_the_budget_in_training(tmp_path):
-    recipe, train, calib, student, teacher = _setup(tmp_path, budget=0.4, settle_fraction=0.0)
+@pytest.mark.parametrize("channel_mode", ["channel", "width"])
+def test_gates_reach_the_budget_in_training(tmp_path, channel_mode):
+    recipe, train, calib, student, teacher = _setup(tmp_path, channel_mode, budget=0.4, settle_fraction=0.0)
     before = mean_fraction(student, calib)
     task = BudgetDistillationTask(student, teacher, recipe)
     history = fit(task, student, train, recipe, tmp_path / "run", param_groups(student, recipe))
