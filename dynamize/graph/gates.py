@@ -85,6 +85,18 @@ class Gate(nn.Module):
         """True while the gate is active and its parameters are trained."""
         return self.is_active and self.mlp[-1].get_parameter("weight").requires_grad
 
+    def make_static(self) -> None:
+        """Make the gate ignore its input: every image gets the same decisions and scales (up to training noise).
+
+        The first layer's weights are zeroed and their gradients dropped, so the gate learns through its biases
+        only and stays input-independent after save and load (its state dict holds the zeros): the static baseline
+        that a dynamic model must beat, with the same gates, losses and training.
+        """
+        first = self.mlp[0].get_parameter("weight")
+        with torch.no_grad():
+            first.zero_()
+        first.register_hook(torch.zeros_like)
+
     @property
     def decisions(self) -> torch.Tensor:
         """The decisions of the last forward pass (`last_keep`), [batch, units].

@@ -87,21 +87,27 @@ class BudgetDistillationTask(LogitDistillationTask):
         # A unit's share of images: the k-th root of the target when k kinds of gates multiply each other's cost.
         probs = [gate.last_prob for _, _, gate in self.student.gates() if gate.is_active and gate.last_prob is not None]
         shaping = batch_shaping_loss(probs, s.target ** (1 / self.kinds), SHAPING_CONCENTRATION)
+        shaping_weight = 0.0 if r.static_gates else r.shaping_weight  # one decision per gate: nothing to shape
         out["loss"] = (out["loss"] + r.budget_weight * budget + r.bounds_weight * bounds
-                       + r.shaping_weight * s.shaping * shaping)
+                       + shaping_weight * s.shaping * shaping)
         out.update(budget_loss=budget.detach(), bounds_loss=bounds.detach(), shaping_loss=shaping.detach())
         return out
 
 
-def configure_gates(model: DynamicNet, kinds: str, tau: float) -> None:
+def configure_gates(model: DynamicNet, kinds: str, tau: float, static: bool = False) -> None:
     """Train only the chosen kind of gates ("layer", "channel", "both"); the others stay open at scale 1.
 
     Whether a gate is active is part of its state dict, so a run keeps its kinds after save and load.
+
+    Args:
+        static: gates that ignore the image (`Gate.make_static`): the static baseline of the same method.
     """
     for kind, _, gate in model.gates():
         trained = kinds == "both" or kinds == kind
         gate.active.fill_(trained)
         gate.tau = tau
+        if trained and static:
+            gate.make_static()
         for p in gate.parameters():
             p.requires_grad_(trained)
 

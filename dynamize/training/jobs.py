@@ -118,7 +118,7 @@ def finetune(run: Path, recipe: Recipe, out: Path, resume: bool = False, console
     teacher = load_teacher(run)
     config = inputs.run.config
     train, calib, test = inputs.splits
-    configure_gates(student, recipe.gates, recipe.gumbel_tau)
+    configure_gates(student, recipe.gates, recipe.gumbel_tau, recipe.static_gates)
     calib_loader = loader(calib, 256)
 
     def settle_gates() -> None:

@@ -56,6 +56,7 @@ class Recipe:
     settle_fraction: float = 0.2
     bn_images: int = 2000
     gumbel_tau: float = 1.0
+    static_gates: bool = False  # gates that ignore the image: the static baseline of the same method
     label_smoothing: float = 0.0
     seed: int = 0
     train_subset: int = 0

@@ -24,7 +24,7 @@ def _setup(tmp_path, channel_mode="channel", **kw):
     train, calib, _ = datasets(DataSpec(recipe.data, None, SIZE, 3), recipe.calib_size)
     teacher = randomize(timm.create_model("test_resnet", num_classes=3)).eval()
     student = dynamize.convert(teacher, img_size=SIZE, channel_mode=channel_mode)
-    configure_gates(student, recipe.gates, recipe.gumbel_tau)
+    configure_gates(student, recipe.gates, recipe.gumbel_tau, recipe.static_gates)
     return recipe, train, loader(calib, 24), student, teacher
 
 
@@ -57,3 +57,21 @@ def test_settling_calibrates_once_then_freezes_the_gates(tmp_path):
     assert not (gate.mlp[-1].weight == before).all()  # it learned before settling
     assert torch.equal(norm.running_mean, settled_stats["mean"])
     assert not torch.equal(norm.weight, settled_stats["weight"])  # the backbone, norms' weights included, trains
+
+
+def test_static_gates_give_every_image_the_same_decisions(tmp_path):
+    """The static baseline of the same method: the gates learn (their decisions move towards the budget) but
+    ignore the image, also after save and load."""
+    recipe, train, calib, student, teacher = _setup(tmp_path, budget=0.4, epochs=2, settle_fraction=0.0,
+                                                    static_gates=True)
+    task = BudgetDistillationTask(student, teacher, recipe)
+    fit(task, student, train, recipe, tmp_path / "run", param_groups(student, recipe))
+    dynamize.save(student, tmp_path / "static")
+    loaded = dynamize.load(tmp_path / "static").eval()
+    images = torch.cat([x for x, _ in calib])
+    with torch.no_grad():
+        loaded(images)
+    decisions = torch.cat([g.decisions for _, _, g in loaded.gates()], dim=1)
+    assert (decisions == decisions[:1]).all()
+    assert decisions.float().mean() < 1.0  # it learned to drop something
+    assert all((g.mlp[0].weight == 0).all() for _, _, g in loaded.gates())
