@@ -35,7 +35,8 @@ def row_of(run: Path, gates: str, budget: float, seconds: float) -> dict:
             "flops_mean": e["flops_mean"], "p5": a["p5"], "p50": a["p50"], "p95": a["p95"], "spread": a["spread"],
             "patterns": a["patterns"], "entropy_bits": a["pattern_entropy_bits"],
             "trained_fraction": d["calibration"].get("trained_fraction"), "seconds": seconds,
-            "recipe": {k: d["recipe"][k] for k in ("epochs", "train_subset", "lr_backbone", "lr_gates")},
+            "recipe": {k: d["recipe"].get(k) for k in ("epochs", "train_subset", "lr_backbone", "lr_gates",
+                                                       "settle_fraction", "static_gates", "seed")},
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.machine(),
             "threads": torch.get_num_threads(), "command": " ".join(sys.argv)}
 
@@ -59,13 +60,15 @@ def main() -> None:
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25])
     ap.add_argument("--gates", nargs="+", default=["both", "layer", "channel"], choices=sorted(NAMES))
     ap.add_argument("--root", type=Path, required=True)
+    ap.add_argument("--channel-mode", default="channel", choices=("channel", "width"),
+                    help="C-Net mode of the conversion (a root holds one conversion: use one root per mode)")
     ap.add_argument("--json", type=Path, default=None, help="append one JSON line per finished run")
     ap.add_argument("overrides", nargs="*", help="recipe overrides key=value")
     args = ap.parse_args()
     console = Console(width=160)
     conv = args.root / "converted"
     if not (conv / CONFIG).is_file():
-        convert_to_run(str(args.teacher), conv)
+        convert_to_run(str(args.teacher), conv, channel_mode=args.channel_mode)
     model = read_config(conv)["architecture"]
     recipe_name = args.recipe or ("fashion-mnist-mobilenet" if "mobilenet" in model else "fashion-mnist-resnet18")
     rows = []
