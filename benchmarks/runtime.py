@@ -152,7 +152,7 @@ def main() -> None:
             console.print(table(rows[-1:], f"{model} @ {fraction}"))
     for run in args.runs:
         net, dense, size = open_target(run, None, None)
-        name = f"{net.plan.architecture} {Path(run).name} (learned)"
+        name = f"{net.plan.architecture} {Path(run).parent.name}/{Path(run).name} (learned)"
         images, size = sample_images(run, args.data, IMAGES_PER_BATCH * 32, net.plan.input_size[0], size)
         for r in bench(net, dense, name, [1, 32], size, repeats=args.repeats, warmup=args.warmup, images=images,
                        images_name=args.data):
