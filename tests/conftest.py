@@ -4,7 +4,11 @@ import pytest
 import torch
 from helpers import TINY_RECIPE, make_image_folder
 
-torch.set_num_threads(max(1, os.cpu_count() or 1))
+# One torch thread per core: pytest-xdist runs one worker per core, and two threads per worker on two cores spin
+# against each other (the subprocesses the CLI tests start read OMP_NUM_THREADS).
+_THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+os.environ["OMP_NUM_THREADS"] = str(_THREADS)
+torch.set_num_threads(_THREADS)
 
 
 @pytest.fixture(autouse=True)

@@ -33,15 +33,6 @@ NO_CHANNEL_GATE = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a busy machine two threads per process are many times slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(("name", "channel_mode"), [(n, "channel") for n in sorted(ARCHS)]
                          + [(n, "width") for n in WIDTH_ARCHS])
