@@ -25,15 +25,19 @@ def gate_key(name: str) -> str:
     return name.replace(".", "_").replace("#", "_").replace(":", "_")
 
 
-# The runtime layer registers how to build a unit's fast inference graph (dynamize.runtime.sliced.compile_unit).
+# The runtime layer registers how to build a unit's fast inference graph (dynamize.runtime.sliced.compile_unit) and
+# the graph of the whole model around its units (compile_shell).
 _FastPathCompiler = Callable[["DynamicUnit", list[ChannelGroup], str], Callable[..., torch.Tensor]]
+_ShellCompiler = Callable[["DynamicNet"], Callable[..., torch.Tensor] | None]
 _fast_path_compiler: _FastPathCompiler | None = None
+_shell_compiler: _ShellCompiler | None = None
 
 
-def set_fast_path_compiler(compiler: _FastPathCompiler) -> None:
-    """Register the function that builds a unit's hard inference path (see `DynamicUnit.set_fast_path`)."""
-    global _fast_path_compiler
-    _fast_path_compiler = compiler
+def set_fast_path_compiler(compiler: _FastPathCompiler, shell: _ShellCompiler) -> None:
+    """Register the functions that build a unit's hard inference path (see `DynamicUnit.set_fast_path`) and the
+    model's graph around its units (see `DynamicNet.set_fast_shell`)."""
+    global _fast_path_compiler, _shell_compiler
+    _fast_path_compiler, _shell_compiler = compiler, shell
 
 
 _M = TypeVar("_M", bound=nn.Module)
@@ -248,15 +252,45 @@ class DynamicNet(nn.Module):
     @contextlib.contextmanager
     def masked_path(self) -> Iterator[None]:
         """Run the masked graph even in evaluation without gradients (e.g. to re-estimate BatchNorm statistics,
-        which the runtime's sliced layers do not update)."""
+        which the runtime's sliced layers and folded norms do not update)."""
         saved = [(unit, unit.runtime_mode) for _, unit in self.units()]
+        shell = self.__dict__.get("fast_shell", False)
         for unit, _ in saved:
             unit.runtime_mode = None
+        self.__dict__["fast_shell"] = False
         try:
             yield
         finally:
             for unit, mode in saved:
                 unit.runtime_mode = mode
+            self.__dict__["fast_shell"] = shell
+
+    def set_fast_shell(self, enabled: bool) -> None:
+        """In evaluation without gradients, run the model's code around its units as a graph with the norms that
+        follow convolutions folded in (the stem, ungated blocks, the head); the units run their own paths."""
+        self.__dict__["fast_shell"] = enabled
+        self.__dict__.pop("_shell_graph", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.__dict__.get("fast_shell") and not self.training and not torch.is_grad_enabled():
+            shell = self._shell()
+            if shell is not None:
+                return shell(x)
+        return super().forward(x)
+
+    def _shell(self) -> Callable[..., torch.Tensor] | None:
+        """The shell graph, built on first use (None while it is traced, or if the model's code cannot be)."""
+        if "_shell_graph" not in self.__dict__:
+            if _shell_compiler is None:
+                raise RuntimeError("no fast path compiler is registered; import dynamize.runtime")
+            self.__dict__["_shell_graph"] = None  # tracing calls forward: the model's own code then
+            self.__dict__["_shell_graph"] = _shell_compiler(self)
+        return self.__dict__["_shell_graph"]
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_shell_graph", None)  # a copy builds its own, around its own modules
+        return state
 
     def base_state_dict(self) -> dict[str, torch.Tensor]:
         """The original timm model's weights (no gates), under timm's names."""

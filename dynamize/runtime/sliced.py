@@ -25,7 +25,7 @@ from ..graph.gates import ChannelGate, Gate, GatedResidual, GatePool
 from ..graph.ops import Role
 from ..graph.plan import ChannelGroup
 from ..graph.rewrite import DynamicNet, DynamicUnit, gate_key, set_fast_path_compiler, submodule
-from ..graph.trace import target_path
+from ..graph.trace import TimmTracer, target_path
 from .decide import Decide, decisions
 from .layers import CompactPool, FoldedConv, Scale, ScaleBy, SlicedDepthwise, SlicedLayer, SlicedNorm
 
@@ -322,6 +322,27 @@ def compile_unit(unit: DynamicUnit, groups: list[ChannelGroup], mode: str = "aut
     return _compile_graph(unit.masked, groups, mode)
 
 
+class _ShellTracer(TimmTracer):
+    """Traces a gated model's own code; its units are called as they are (each runs its own fast path)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, DynamicUnit) or super().is_leaf_module(m, module_qualified_name)
+
+
+def compile_shell(net: DynamicNet) -> fx.GraphModule | None:
+    """The model's code around its units as a graph with the evaluation-mode norms after plain convolutions folded
+    in (the stem, the blocks left ungated, the head), sharing every module with `net`; None if it cannot be traced
+    (the model then runs its own code, with its norms unfolded)."""
+    try:
+        gm = fx.GraphModule(net, _ShellTracer().trace(net), "Shell")
+    except Exception:  # torch.fx raises plain TraceError/TypeError/etc. for code it cannot follow
+        return None
+    _fold_norms(gm)
+    _drop_no_ops(gm)
+    gm.recompile()
+    return gm
+
+
 def use_runtime(net: DynamicNet, mode: str | None = "auto") -> DynamicNet:
     """Make `net` run the hard inference path in evaluation without gradients (None: always the masked graph).
 
@@ -332,7 +353,8 @@ def use_runtime(net: DynamicNet, mode: str | None = "auto") -> DynamicNet:
         raise ValueError(f"channels must be one of {CHANNEL_MODES}, not {mode!r}")
     for path, unit in net.units():
         unit.set_fast_path(mode, [g for g in net.plan.groups if g.unit == path])
+    net.set_fast_shell(mode is not None)
     return net
 
 
-set_fast_path_compiler(compile_unit)
+set_fast_path_compiler(compile_unit, compile_shell)

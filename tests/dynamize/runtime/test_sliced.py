@@ -1,4 +1,6 @@
 """The hard inference path: equal to the masked graph, and really skipping work."""
+import copy
+
 import pytest
 import timm
 import torch
@@ -206,3 +208,22 @@ def test_norms_are_folded_and_no_ops_dropped():
     # The norms after the gated convolutions are folded into them; their SiLU activations still run.
     assert fast.count(BatchNormAct2d) < masked.count(BatchNormAct2d) and torch.nn.SiLU in fast
     assert torch.nn.Identity in masked and torch.nn.Identity not in fast
+
+
+def test_norms_outside_the_units_are_folded():
+    """The stem's norm (outside every unit) is folded in evaluation without gradients; the masked path (which BN
+    re-estimation uses) and a copy of the model still call it."""
+    net = dynamize.convert(randomize(timm.create_model("resnet18", num_classes=7)), img_size=32).eval()
+    calls = []
+    net.bn1.register_forward_hook(lambda *a: calls.append(1))
+    x = torch.randn(2, 3, 32, 32)
+    expected, got = _masked_and_fast(net, x)
+    assert calls == [1]  # the masked pass called it, the fast pass did not
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    with torch.no_grad(), net.masked_path():
+        net(x)
+    copied = copy.deepcopy(net)
+    with torch.no_grad():
+        copied.bn1.weight.mul_(2)  # a copy folds its own norm, not the original's
+        assert not torch.allclose(copied(x), got)
+    assert calls == [1, 1]
