@@ -76,20 +76,28 @@ def is_channels_last(x: torch.Tensor) -> bool:
 
 def decisions(gate: Gate, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """What `gate(pooled)` returns in evaluation (decisions, scales), in about half its time: the MLP as fused
-    functional calls (a gate on a small map costs as much as the layers it saves, so its overhead counts)."""
+    functional calls whose tensors are read from the modules' own dictionaries (a gate on a small map costs as much
+    as the layers it saves, and nn.Module's attribute lookup and assignment cost as much as its operators)."""
     if not gate.is_active:
         return gate(pooled)
-    first, norm, last = (cast(nn.Linear, gate.mlp[0]), cast(nn.LayerNorm, gate.mlp[1]),
-                         cast(nn.Linear, gate.mlp[3]))
-    h = torch.addmm(first.bias, pooled, first.weight.t())
-    h = torch.layer_norm(h, norm.normalized_shape, norm.weight, norm.bias, norm.eps).relu_()
-    out = torch.addmm(last.bias, h, last.weight.t())
+    layers = gate.mlp._modules
+    norm = cast(nn.LayerNorm, layers["1"])
+    (w1, b1), (wn, bn), (w2, b2) = _weight_bias(layers["0"]), _weight_bias(norm), _weight_bias(layers["3"])
+    h = torch.addmm(b1, pooled, w1.t())
+    h = torch.layer_norm(h, norm.normalized_shape, wn, bn, norm.eps).relu_()
+    out = torch.addmm(b2, h, w2.t())
     k = gate.keep_logits
     logit, scale = out[:, :k], out[:, k:].add_(1.0)
     keep = gate.forced.to(logit.dtype).expand(out.shape[0], gate.units) if gate.forced is not None else \
         gate.hard(logit)
-    gate.last_keep, gate.last_prob = keep, None
+    vars(gate).update(last_keep=keep, last_prob=None)  # plain attributes: no nn.Module.__setattr__
     return keep, scale
+
+
+def _weight_bias(layer: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A gate layer's weight and bias, from its own parameter dictionary (no attribute lookup)."""
+    params = cast(nn.Module, layer)._parameters
+    return cast(torch.Tensor, params["weight"]), cast(torch.Tensor, params["bias"])
 
 
 class Decide(nn.Module):

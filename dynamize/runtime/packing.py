@@ -16,8 +16,15 @@ import torch
 from torch import nn
 
 
-def _key(tensors: Sequence[torch.Tensor | None]) -> tuple:
-    return tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors)
+def _key(tensors: Sequence[torch.Tensor | None]) -> list:
+    return [(t.data_ptr(), t._version) if t is not None else None for t in tensors]
+
+
+def _own(module: nn.Module, *names: str) -> tuple[torch.Tensor | None, ...]:
+    """The module's parameters or buffers `names`, read from its own dictionaries: a prepared value is checked on
+    every call, and nn.Module's attribute lookup would cost more than the check."""
+    params, buffers = module._parameters, module._buffers
+    return tuple(params[n] if n in params else buffers.get(n) for n in names)
 
 
 class Packed:
@@ -31,7 +38,7 @@ class Packed:
 
     def __init__(self, sources: Callable[[], Sequence[torch.Tensor | None]], build: Callable[..., object]):
         self.sources, self.build = sources, build
-        self._key: tuple | None = None
+        self._key: list | None = None
         self._value: object = None
 
     def get(self):
@@ -52,7 +59,7 @@ def norm_affine(bn: nn.modules.batchnorm._BatchNorm) -> Packed:
             scale = scale * weight
         shift = -mean * scale
         return scale, shift if bias is None else shift + bias
-    return Packed(lambda: (bn.running_mean, bn.running_var, bn.weight, bn.bias), build)
+    return Packed(lambda: _own(bn, "running_mean", "running_var", "weight", "bias"), build)
 
 
 class Weights(NamedTuple):
@@ -84,5 +91,7 @@ def folded(layer: nn.Conv2d | nn.Linear, bn: nn.modules.batchnorm._BatchNorm | N
         weight = weight.contiguous()
         return Weights(weight, bias, weight.transpose(0, 1).contiguous() if transposed else None,
                        weight.contiguous(memory_format=torch.channels_last) if channels_last else None)
-    norm = (lambda: (bn.running_mean, bn.running_var, bn.weight, bn.bias)) if bn is not None else (lambda: ())
-    return Packed(lambda: (layer.weight, layer.bias, *norm()), build)
+    if bn is None:
+        return Packed(lambda: _own(layer, "weight", "bias"), build)
+    return Packed(lambda: _own(layer, "weight", "bias") + _own(bn, "running_mean", "running_var", "weight", "bias"),
+                  build)
