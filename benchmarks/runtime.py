@@ -7,8 +7,8 @@ process, every pass draws new random images and new random decisions at the FLOP
 is the median over passes of dense / dynamic time, with its 10th and 90th percentiles. Learned runs (`--runs`, e.g.
 the Fashion-MNIST sweep) are timed with their learned decisions on test images of `--data`.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/runtime.py --threads 2 --json docs/runtime.json \\
-        --runs ~/.cache/dynamize/sweeps/resnet18/LC-b0.50 ~/.cache/dynamize/sweeps/resnet18/LC-b0.25
+    PYTHONPATH=. .venv/bin/python benchmarks/runtime.py --threads 1 --models none --json docs/runtime-learned.json \\
+        --runs ~/.cache/dynamize/sweeps/resnet18/r3/LC-b0.50 ~/.cache/dynamize/sweeps/resnet18/r3/LC-b0.25
 
 `--compare-modes` times the C-Nets' two channel modes side by side instead (`dynamize convert --channel-mode`):
 per-channel decisions (gathered weights) against width mode (prefix slices), each against its own dense passes, over
