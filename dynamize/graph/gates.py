@@ -241,17 +241,12 @@ class GatedResidual(nn.Module):
     on the images that keep it (gathered and scattered back), and not at all if none does. The branch is set by the
     unit that owns this gate (it runs the unit's own layers) and is not a submodule, so the layers keep their timm
     names.
-
-    Attributes:
-        every_image: run the branch on every image, as while learning, whatever the mode; BatchNorm statistics are
-            re-estimated so, since the branch's norms learned to normalise with the statistics of every image.
     """
 
     def __init__(self, channels: int, hidden: int):
         super().__init__()
         self.gate = Gate(channels, 1, hidden)
         self.branch: Callable[..., torch.Tensor] | None = None
-        self.every_image = False
 
     def set_branch(self, branch: Callable[..., torch.Tensor]) -> None:
         """Run `branch` as the residual branch (kept out of the submodules: its layers belong to the unit)."""
@@ -271,8 +266,7 @@ class GatedResidual(nn.Module):
         keep, scale = self.gate(pooled)
         idx = keep[:, 0].nonzero()[:, 0]
         # In training, one image alone cannot give BatchNorm statistics (a 1x1 map): it runs with the others.
-        learning = self.training and torch.is_grad_enabled() and (self.gate.learning or idx.numel() == 1)
-        if learning or self.every_image:
+        if self.training and torch.is_grad_enabled() and (self.gate.learning or idx.numel() == 1):
             return shortcut + (keep * scale).reshape(-1, 1, 1, 1) * self._run_branch(x, *extra)
         if idx.numel() == x.shape[0]:
             return shortcut + scale.reshape(-1, 1, 1, 1) * self._run_branch(x, *extra)

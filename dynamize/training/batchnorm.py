@@ -2,12 +2,12 @@
 
 Running statistics are averaged over training batches whose decisions were noisy; after calibration (or any
 threshold change) they no longer describe what the layers see. As in OFA's `set_running_statistics` and slimmable
-networks' BN calibration, they are recomputed on about 2,000 training images with the deterministic decisions.
-A residual branch runs on every image, as while the gates learned: its norms learned to normalise with the
-statistics of all images, and the images its gate keeps are a chosen, not a random, subset (ResNet-18 L-only at
-budget 0.25, a short Fashion-MNIST run: 90.65% with the statistics of the kept images, 91.30% with every image's).
-A norm sees a different number of values in every batch where spatial sizes differ: the statistics are accumulated
-per value, not per batch, to be the exact average.
+networks' BN calibration, they are recomputed on about 2,000 training images with the deterministic decisions. A
+norm inside a residual branch sees only the images whose gate keeps the block, as at inference, so the statistics
+describe what it will normalise (running every branch on every image instead, as while the gates learned, cost
+MobileNetV2 LC at budget 0.3 on Fashion-MNIST 1.2 points, 88.61% against 89.84%, and ResNet-18 LC at 0.5 0.3 points,
+92.71% against 93.04%). A norm therefore sees a different number of values in every batch: the statistics are
+accumulated per value, not per batch, to be the exact average.
 """
 import contextlib
 from collections.abc import Iterator
@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..graph.gates import GatedResidual
 from ..graph.rewrite import DynamicNet
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
@@ -39,19 +38,6 @@ class _Moments:
         mean = self.sum / self.count
         var = (self.sumsq / self.count - mean ** 2).clamp_min(0) * self.count / max(1, self.count - 1)
         return mean, var
-
-
-@contextlib.contextmanager
-def _every_image(model: nn.Module) -> Iterator[None]:
-    """Residual branches run on every image, as while the gates learned (their decisions still apply)."""
-    gated = [m for m in model.modules() if isinstance(m, GatedResidual)]
-    for m in gated:
-        m.every_image = True
-    try:
-        yield
-    finally:
-        for m in gated:
-            m.every_image = False
 
 
 @contextlib.contextmanager
@@ -106,7 +92,7 @@ def reestimate_batchnorm(model: DynamicNet, data: DataLoader, images: int = 2000
     model.eval()
     seen = 0
     try:
-        with model.masked_path(), _every_image(model), _measuring(norms) as moments:
+        with model.masked_path(), _measuring(norms) as moments:
             for batch, _ in data:
                 if seen and seen + len(batch) > images:
                     break
