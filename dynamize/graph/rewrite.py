@@ -219,7 +219,8 @@ def _insert_gates(unit: DynamicUnit, graph: fx.Graph, blocks: list[BlockSite],
 
 class DynamicNet(nn.Module):
     """The methods a gated timm model gains. A converted model is an instance of its own timm class and of this
-    (its class is `Dynamic<TimmClass>(DynamicNet, TimmClass)`; this class adds methods only, no state or __init__).
+    (its class is `Dynamic<TimmClass>(DynamicNet, TimmClass)`; this class adds methods, no __init__, and no state
+    beyond the runtime's switch and its cached shell graph, which copies do not share).
 
     Attributes:
         plan: the GatePlan the model was built from.
