@@ -56,14 +56,6 @@ ARCHS = {
     "hrnet_w18_small": 64, "inception_v3": 75, "legacy_xception": 32, "selecsls42b": 64, "ese_vovnet19b_slim_dw": 32,
     "hgnetv2_b0": 32, "convnext_atto": 32, "convnextv2_atto": 32, "starnet_s050": 32,
 }
-# Width mode (reordered channels) on one architecture per structure the reordering must follow: plain, bottleneck and
-# grouped blocks, squeeze-excite, splits and concatenations, depthwise mobile blocks, re-parameterisable and
-# cross-stage blocks, ConvNeXt, and StarNet's product-joined groups (left per channel). The whole sweep in width mode
-# took the suite from 6 to 11 minutes.
-WIDTH_ARCHS = ["resnet18", "resnet50d", "resnext50_32x4d", "seresnet18", "res2net50_14w_8s", "regnety_002",
-               "mobilenetv2_100", "mobilenetv3_small_100", "efficientnet_b0", "fbnetv3_b", "mixnet_s", "ghostnet_100",
-               "rexnet_100", "densenet121", "repvgg_a0", "cspresnet50", "inception_v3", "dla34", "convnext_atto",
-               "starnet_s050", "dpn68"]
 # Architectures that are reported as not gateable, and why.
 NOT_GATEABLE = {
     "dpn68": "dual-path blocks add a slice of the branch output and concatenate the rest; the convs feed grouped "
