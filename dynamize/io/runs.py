@@ -295,7 +295,7 @@ def latest_run(root: Path = RUNS, accept: Callable[[Path], bool] = lambda p: Tru
 def convert_to_run(source: str, out: str | Path | None = None, *, checkpoint: Path | None = None,
                    pretrained: bool = True, num_classes: int | None = None, in_chans: int | None = None,
                    img_size: int | None = None, gates: str = "both", profitable_only: bool = False,
-                   channel_mode: str = "channel") -> tuple[nn.Module, Path]:
+                   channel_mode: str = "channel") -> tuple[DynamicNet, Path]:
     """Convert a timm model name, or the run directory of a `dynamize train` run, into a gated run directory.
 
     A trained run passes on what it was trained with: its weights, classes, input channels, input size and data

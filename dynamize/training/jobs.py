@@ -1,7 +1,9 @@
 """The jobs behind `dynamize train`, `finetune` and `calibrate`: wire data, models, losses and the training loop."""
+import contextlib
 import datetime
 import platform
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -81,9 +83,24 @@ def train_base(recipe: Recipe, out: Path, resume: bool = False, console: Console
     return result
 
 
-def settle(model: DynamicNet, calib: DataLoader, recipe: Recipe, console: Console | None = None) -> dict:
+@contextlib.contextmanager
+def _settling(console: Console | None, text: str) -> Iterator[Callable[[int], None]]:
+    """A status line for settling that counts the threshold settings evaluated: a calibration can take minutes."""
+    if console is None:
+        yield lambda evaluated: None
+        return
+    with console.status(text) as status:
+        yield lambda evaluated: status.update(f"{text} ({evaluated} threshold settings evaluated)")
+
+
+def settle(model: DynamicNet, calib: DataLoader, recipe: Recipe, console: Console | None = None,
+           progress: Callable[[int], None] | None = None) -> dict:
     """Bring a gated model to the budget for inference: BatchNorm re-estimated, thresholds calibrated on held-out
     data, BatchNorm re-estimated for the calibrated decisions, repeated while the fraction drifts off the budget.
+
+    Args:
+        console: where to warn when the gates reached far more than the budget in training.
+        progress: called with the number of threshold settings evaluated (see `calibrate`).
 
     Returns:
         The calibration (see `calibrate`), with the fraction the gates reached before it.
@@ -95,7 +112,7 @@ def settle(model: DynamicNet, calib: DataLoader, recipe: Recipe, console: Consol
                       "and accuracy may drop: train longer or raise budget_weight")
     reestimate_batchnorm(model, calib, recipe.bn_images)
     for _ in range(3):
-        cal = calibrate(model, calib, recipe.budget)
+        cal = calibrate(model, calib, recipe.budget, progress=progress)
         reestimate_batchnorm(model, calib, recipe.bn_images)
         cal["fraction"] = mean_fraction(model, calib)
         if abs(cal["fraction"] - recipe.budget) <= TOLERANCE:
@@ -122,8 +139,8 @@ def finetune(run: Path, recipe: Recipe, out: Path, resume: bool = False, console
     calib_loader = loader(calib, 256)
 
     def settle_gates() -> None:
-        with console.status("settling: calibrating thresholds and re-estimating BatchNorm"):
-            cal = settle(student, calib_loader, recipe, console)
+        with _settling(console, "settling: calibrating thresholds and re-estimating BatchNorm") as progress:
+            cal = settle(student, calib_loader, recipe, console, progress)
         console.print(f"settled at FLOPs fraction {cal['fraction']:.3f} (gates had reached "
                       f"{cal['trained_fraction']:.3f}); now tuning the backbone with frozen gates")
 
@@ -132,8 +149,8 @@ def finetune(run: Path, recipe: Recipe, out: Path, resume: bool = False, console
                   evaluate=_on_split("calib", calib_loader), ddp=ddp, console=console)
     if not ddp.main:
         return {}
-    with console.status("calibrating gate thresholds to the budget"):
-        cal = settle(student, calib_loader, recipe)
+    with _settling(console, "calibrating gate thresholds to the budget") as progress:
+        cal = settle(student, calib_loader, recipe, progress=progress)
     result = {"calibration": cal, "eval": evaluate(student, _eval_loader(test, recipe)),
               "teacher_eval": evaluate(teacher, _eval_loader(test, recipe)), "history": history}
     save(student, out, {"budget": recipe.budget, "gates_trained": recipe.gates, "recipe": recipe.to_dict(),
@@ -144,12 +161,13 @@ def finetune(run: Path, recipe: Recipe, out: Path, resume: bool = False, console
 
 
 def recalibrate(run: Path, budget: float, out: Path, data: str | None = None,
-                data_dir: str | None = None) -> dict:
+                data_dir: str | None = None, console: Console | None = None) -> dict:
     """Re-target a fine-tuned run to another budget by moving its gate thresholds; writes a new run."""
     checked, recipe, splits = check_calibrate(run, budget, out, data, data_dir)
     _, calib, test = splits
     model = load(run)
-    cal = settle(model, loader(calib, 256), recipe)
+    with _settling(console, f"calibrating gate thresholds to {budget:.2f}") as progress:
+        cal = settle(model, loader(calib, 256), recipe, progress=progress)
     result = {"calibration": cal, "eval": evaluate(model, _eval_loader(test, recipe))}
     carried = {k: v for k, v in checked.info.items() if k not in ("version", "plan")}
     save(model, out, {**carried, "budget": budget, "recipe": recipe.to_dict(), "parent": str(Path(run).resolve()),
