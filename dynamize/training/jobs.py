@@ -3,6 +3,7 @@ import contextlib
 import datetime
 import platform
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -103,21 +104,36 @@ def settle(model: DynamicNet, calib: DataLoader, recipe: Recipe, console: Consol
         progress: called with the number of threshold settings evaluated (see `calibrate`).
 
     Returns:
-        The calibration (see `calibrate`), with the fraction the gates reached before it.
+        The calibration (see `calibrate`), with the fraction the gates reached before it, the threshold settings
+        evaluated over all rounds ("tried") and the wall time in seconds.
     """
+    started = time.perf_counter()
     before = mean_fraction(model, calib)
     if console is not None and before > recipe.budget + _CALIBRATION_GAP:
         console.print(f"[yellow]warning:[/yellow] the gates reached a FLOPs fraction of {before:.2f} in training, "
                       f"far above the budget {recipe.budget:.2f}; calibration will cut what they did not learn to cut "
                       "and accuracy may drop: train longer or raise budget_weight")
     reestimate_batchnorm(model, calib, recipe.bn_images)
+    tried = 0
+
+    def counted(evaluated: int) -> None:
+        if progress is not None:
+            progress(tried + evaluated)
+
     for _ in range(3):
-        cal = calibrate(model, calib, recipe.budget, progress=progress)
+        cal = calibrate(model, calib, recipe.budget, progress=counted)
+        tried += cal["tried"]
         reestimate_batchnorm(model, calib, recipe.bn_images)
         cal["fraction"] = mean_fraction(model, calib)
         if abs(cal["fraction"] - recipe.budget) <= TOLERANCE:
             break
-    return {**cal, "trained_fraction": before}
+    return {**cal, "trained_fraction": before, "tried": tried, "seconds": time.perf_counter() - started}
+
+
+def _settled(cal: dict) -> str:
+    """One line on a settle: where it left the fraction, from where, and what it cost."""
+    return (f"settled at FLOPs fraction {cal['fraction']:.3f} (gates had reached {cal['trained_fraction']:.3f}) in "
+            f"{cal['seconds']:.0f} s, {cal['tried']} threshold settings evaluated")
 
 
 def finetune(run: Path, recipe: Recipe, out: Path, resume: bool = False, console: Console | None = None) -> dict:
@@ -141,8 +157,7 @@ def finetune(run: Path, recipe: Recipe, out: Path, resume: bool = False, console
     def settle_gates() -> None:
         with _settling(console, "settling: calibrating thresholds and re-estimating BatchNorm") as progress:
             cal = settle(student, calib_loader, recipe, console, progress)
-        console.print(f"settled at FLOPs fraction {cal['fraction']:.3f} (gates had reached "
-                      f"{cal['trained_fraction']:.3f}); now tuning the backbone with frozen gates")
+        console.print(f"{_settled(cal)}; now tuning the backbone with frozen gates")
 
     task = BudgetDistillationTask(student, teacher, recipe, settle=settle_gates)
     history = fit(task, student, train, recipe, out, param_groups(student, recipe), resume=resume,
@@ -151,6 +166,7 @@ def finetune(run: Path, recipe: Recipe, out: Path, resume: bool = False, console
         return {}
     with _settling(console, "calibrating gate thresholds to the budget") as progress:
         cal = settle(student, calib_loader, recipe, progress=progress)
+    console.print(_settled(cal))
     result = {"calibration": cal, "eval": evaluate(student, _eval_loader(test, recipe)),
               "teacher_eval": evaluate(teacher, _eval_loader(test, recipe)), "history": history}
     save(student, out, {"budget": recipe.budget, "gates_trained": recipe.gates, "recipe": recipe.to_dict(),
@@ -168,6 +184,8 @@ def recalibrate(run: Path, budget: float, out: Path, data: str | None = None,
     model = load(run)
     with _settling(console, f"calibrating gate thresholds to {budget:.2f}") as progress:
         cal = settle(model, loader(calib, 256), recipe, progress=progress)
+    if console is not None:
+        console.print(_settled(cal))
     result = {"calibration": cal, "eval": evaluate(model, _eval_loader(test, recipe))}
     carried = {k: v for k, v in checked.info.items() if k not in ("version", "plan")}
     save(model, out, {**carried, "budget": budget, "recipe": recipe.to_dict(), "parent": str(Path(run).resolve()),

@@ -16,11 +16,13 @@ def test_finetune_writes_a_complete_run(tiny_runs):
     assert (root / "ft" / "checkpoints" / "last" / "state.json").is_file()
 
 
-def test_calibrate_writes_a_new_run(tiny_runs):
+def test_calibrate_writes_a_new_run(tiny_runs, capsys):
     root, _ = tiny_runs
     assert run(["calibrate", str(root / "ft"), "--budget", "0.8", "-o", str(root / "cal")]) == 0
     config = json.loads((root / "cal" / "config.json").read_text())
     assert config["dynamize"]["budget"] == 0.8 and config["dynamize"]["parent"].endswith("ft")
+    tried = config["dynamize"]["calibration"]["tried"]
+    assert tried >= 1 and f"{tried} threshold settings evaluated" in " ".join(capsys.readouterr().out.split())
 
 
 def test_resume_with_the_same_values_continues_quietly(tiny_runs, tmp_path, capsys):
