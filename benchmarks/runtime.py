@@ -10,6 +10,9 @@ the Fashion-MNIST sweep) are timed with their learned decisions on test images o
     PYTHONPATH=. .venv/bin/python benchmarks/runtime.py --threads 1 --models none --json docs/runtime-learned.json \\
         --runs ~/.cache/dynamize/sweeps/resnet18/r3/LC-b0.50 ~/.cache/dynamize/sweeps/resnet18/r3/LC-b0.25
 
+`--against-pruned` also times each learned run against the static model of the same mean FLOPs: its dense twin
+pruned by Torch-Pruning to the run's budget (`static_baseline.prune_to`; the pruned weights do not matter for timing).
+
 `--compare-modes` times the C-Nets' two channel modes side by side instead (`dynamize convert --channel-mode`):
 per-channel decisions (gathered weights) against width mode (prefix slices), each against its own dense passes, over
 every model, fraction and batch size of the targets:
@@ -75,6 +78,20 @@ def table(rows: list[tuple[BenchResult, str, str]], title: str) -> Table:
     return t
 
 
+def pruned_table(rows: list[BenchResult], title: str) -> Table:
+    """Learned runs against the Torch-Pruning model of the same mean FLOPs (the `dense_*` fields of `rows`)."""
+    t = Table(title=title, title_justify="left")
+    for col in ("model", "batch", "dynamic FLOPs fraction", "Torch-Pruning ms (p10-p90)", "dynamic ms (p10-p90)",
+                "static / dynamic time (p10-p90)"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    for r in rows:
+        t.add_row(r.model, str(r.batch_size), f"{r.fraction:.3f}",
+                  f"{r.dense_ms:.1f} ({r.dense_p10:.1f}-{r.dense_p90:.1f})",
+                  f"{r.dynamic_ms:.1f} ({r.dynamic_p10:.1f}-{r.dynamic_p90:.1f})",
+                  f"{r.speedup:.2f}x ({r.speedup_p10:.2f}-{r.speedup_p90:.2f})")
+    return t
+
+
 def modes_table(results: dict[tuple[str, float, int, str], BenchResult], title: str) -> Table:
     """Channel and width mode side by side, per model, fraction asked and batch size."""
     t = Table(title=title, title_justify="left")
@@ -123,6 +140,8 @@ def main() -> None:
                                                                   "pay for themselves (default: profitable_only)")
     parser.add_argument("--runs", nargs="*", default=[], help="learned run directories to time on test images")
     parser.add_argument("--data", default="fashion-mnist", help="data set whose test images the runs are timed on")
+    parser.add_argument("--against-pruned", action="store_true", help="also time each run against its dense twin "
+                                                                       "pruned by Torch-Pruning to the run's budget")
     parser.add_argument("--compare-modes", action="store_true", help="time channel and width mode side by side")
     parser.add_argument("--json", default="runtime-bench.json")
     args = parser.parse_args()
@@ -134,6 +153,7 @@ def main() -> None:
                "plan": "every gate" if args.all_gates else "profitable_only"}
     console.print(machine)
     rows: list[tuple[BenchResult, str, str]] = []
+    pruned: list[BenchResult] = []
     records = []
     targets = [t for t in TARGETS if not args.models or t.model in args.models]
     if args.compare_modes:
@@ -159,8 +179,21 @@ def main() -> None:
             rows.append((r, "", ""))
             records.append(r.to_dict())
             console.print(table(rows[-1:], name))
+        if args.against_pruned:
+            from static_baseline import prune_to  # Torch-Pruning: the benchmark-only extra, needed for this only
+
+            budget = json.loads((Path(run) / "config.json").read_text())["dynamize"]["budget"]
+            static, got = prune_to(dense, budget, net.plan.input_size)
+            against = bench(net, static, f"{name} vs Torch-Pruning {got:.3f}", [1, 32], size, repeats=args.repeats,
+                            warmup=args.warmup, images=images, images_name=args.data)
+            pruned.extend(against)
+            records.extend({**r.to_dict(), "reference": "torch-pruning", "reference_fraction": got} for r in against)
+            console.print(pruned_table(against, name))
     console.print(table(rows, f"Runtime: {args.img_size} px (runs: their own size), {torch.get_num_threads()} "
                               f"threads, {args.repeats} passes, started {started}"))
+    if pruned:
+        console.print(pruned_table(pruned, f"Learned runs against Torch-Pruning at the same mean FLOPs, started "
+                                           f"{started}"))
     Path(args.json).write_text(json.dumps({"machine": machine, "results": records}, indent=1))
     console.print(f"wrote {args.json}")
 
