@@ -26,6 +26,12 @@ from dynamize.training.recipe import load_recipe
 NAMES = {"both": "LC", "layer": "L-only", "channel": "C-only"}
 
 
+def facts() -> dict:
+    """When, where and how a result line was measured."""
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.machine(),
+            "threads": torch.get_num_threads(), "command": " ".join(sys.argv)}
+
+
 def row_of(run: Path, gates: str, budget: float, seconds: float) -> dict:
     """One result line from a finished run's config.json."""
     d = read_config(run)["dynamize"]
@@ -37,8 +43,7 @@ def row_of(run: Path, gates: str, budget: float, seconds: float) -> dict:
             "trained_fraction": d["calibration"].get("trained_fraction"), "seconds": seconds,
             "recipe": {k: d["recipe"].get(k) for k in ("epochs", "train_subset", "lr_backbone", "lr_gates",
                                                        "settle_fraction", "static_gates", "seed")},
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.machine(),
-            "threads": torch.get_num_threads(), "command": " ".join(sys.argv)}
+            **facts()}
 
 
 def table(rows: list[dict]) -> Table:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch_pruning as tp
+from budget_sweep import facts
 from rich.console import Console
 from timm.task import LogitDistillationTask
 from torch import nn
@@ -78,8 +79,7 @@ def main() -> None:
     test_loader = loader(test, 256)
     result = {"method": "torch-pruning (L1, MetaPruner)", "fraction": fraction, "asked": args.fraction,
               "eval": evaluate(student, test_loader), "teacher_eval": evaluate(teacher, test_loader),
-              "recipe": recipe.to_dict(), "seconds": time.time() - start,
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+              "recipe": recipe.to_dict(), "seconds": time.time() - start, **facts()}
     console.print(f"static {fraction:.3f}: top-1 {result['eval']['top1']:.2f} (teacher "
                   f"{result['teacher_eval']['top1']:.2f}), {result['seconds'] / 60:.1f} min")
     if args.json:
