@@ -79,16 +79,18 @@ def table(rows: list[tuple[BenchResult, str, str]], title: str) -> Table:
 
 
 def pruned_table(rows: list[BenchResult], title: str) -> Table:
-    """Learned runs against the Torch-Pruning model of the same mean FLOPs (the `dense_*` fields of `rows`)."""
+    """Learned runs against the Torch-Pruning model of the same mean FLOPs (the `dense_*` fields of `rows`); at batch
+    size 1 also the cheapest and the dearest third of the images (their mean FLOPs fraction and median time)."""
     t = Table(title=title, title_justify="left")
     for col in ("model", "batch", "dynamic FLOPs fraction", "Torch-Pruning ms (p10-p90)", "dynamic ms (p10-p90)",
-                "static / dynamic time (p10-p90)"):
+                "static / dynamic time (p10-p90)", "cheapest third: FLOPs, ms", "dearest third: FLOPs, ms"):
         t.add_column(col, justify="left" if col == "model" else "right")
     for r in rows:
+        thirds = [f"{f:.3f}, {ms:.1f}" for f, ms in r.by_cost()] if r.batch_size == 1 else ["–", "–"]
         t.add_row(r.model, str(r.batch_size), f"{r.fraction:.3f}",
                   f"{r.dense_ms:.1f} ({r.dense_p10:.1f}-{r.dense_p90:.1f})",
                   f"{r.dynamic_ms:.1f} ({r.dynamic_p10:.1f}-{r.dynamic_p90:.1f})",
-                  f"{r.speedup:.2f}x ({r.speedup_p10:.2f}-{r.speedup_p90:.2f})")
+                  f"{r.speedup:.2f}x ({r.speedup_p10:.2f}-{r.speedup_p90:.2f})", *thirds)
     return t
 
 

@@ -9,7 +9,7 @@ so that both see the same machine load; each configuration reports medians with 
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,6 +40,7 @@ class BenchResult:
         threads: torch threads used.
         decisions: "learned" or "random".
         images: "random", or the name of the data the images came from.
+        passes: (FLOPs fraction, dynamic ms) of each timed pass: at batch size 1, what each image cost.
     """
     model: str
     batch_size: int
@@ -57,11 +58,23 @@ class BenchResult:
     threads: int
     decisions: str
     images: str
+    passes: list[tuple[float, float]] = field(default_factory=list)
 
     @property
     def ideal(self) -> float:
         """The speedup that FLOPs promise: 1 / FLOPs fraction."""
         return 1.0 / self.fraction
+
+    def by_cost(self, share: float = 1 / 3) -> tuple[tuple[float, float], tuple[float, float]]:
+        """(mean FLOPs fraction, median ms) of the cheapest and of the dearest `share` of the passes: at batch size
+        1, whether the images the gates let off cheaply also run faster."""
+        ordered = sorted(self.passes)
+        n = max(1, round(len(ordered) * share))
+
+        def summary(part: list[tuple[float, float]]) -> tuple[float, float]:
+            return statistics.fmean(f for f, _ in part), statistics.median(ms for _, ms in part)
+
+        return summary(ordered[:n]), summary(ordered[-n:])
 
     def to_dict(self) -> dict:
         return {**asdict(self), "ideal": self.ideal}
@@ -215,7 +228,8 @@ def bench(net: DynamicNet, dense: nn.Module, name: str, batch_sizes: Sequence[in
                 name, batch, statistics.fmean(fractions), statistics.median(dense_t), statistics.median(dynamic_t),
                 percentile(dense_t, 10), percentile(dense_t, 90), percentile(dynamic_t, 10),
                 percentile(dynamic_t, 90), statistics.median(ratios), percentile(ratios, 10), percentile(ratios, 90),
-                repeats, torch.get_num_threads(), "random" if p is not None else "learned", images_name))
+                repeats, torch.get_num_threads(), "random" if p is not None else "learned", images_name,
+                list(zip(fractions, dynamic_t))))
     finally:
         release(net)
     return results

@@ -18,11 +18,12 @@ def test_bench_model_with_fraction_writes_json(tmp_path, capsys):
     for r in results:
         assert set(r) == {"model", "batch_size", "fraction", "dense_ms", "dynamic_ms", "dense_p10", "dense_p90",
                           "dynamic_p10", "dynamic_p90", "speedup", "speedup_p10", "speedup_p90", "ideal", "repeats",
-                          "threads", "decisions", "images"}
+                          "threads", "decisions", "images", "passes"}
         assert r["model"] == "test_resnet" and 0 < r["fraction"] <= 1 and r["dense_ms"] > 0 and r["dynamic_ms"] > 0
         assert r["ideal"] == pytest.approx(1 / r["fraction"])
         assert r["dense_p10"] <= r["dense_ms"] <= r["dense_p90"] and r["speedup_p10"] <= r["speedup_p90"]
         assert (r["threads"], r["repeats"], r["decisions"], r["images"]) == (1, 3, "random", "random")
+        assert len(r["passes"]) == 3 and all(0 < f <= 1 and ms > 0 for f, ms in r["passes"])
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # no temporary file left behind
 
 
