@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Subset
 from ..graph.rewrite import DynamicNet
 from ..io.runs import load, load_base, load_teacher, save, save_base
 from ..models import create_base, load_backbone, read_state_dict
+from ..runtime import use_runtime
 from ..version import __version__
 from .batchnorm import reestimate_batchnorm
 from .calibrate import TOLERANCE, calibrate, mean_fraction
@@ -147,7 +148,7 @@ def finetune(run: Path, recipe: Recipe, out: Path, resume: bool = False, console
     inputs = check_finetune(run, recipe, out, resume)
     if ddp.main:
         console.print(inputs.splits.describe(), highlight=False, soft_wrap=True)
-    student = load(run)
+    student = use_runtime(load(run))  # evaluation and calibration run the fast path, as the user's model will
     teacher = load_teacher(run)
     config = inputs.run.config
     train, calib, test = inputs.splits
@@ -181,7 +182,7 @@ def recalibrate(run: Path, budget: float, out: Path, data: str | None = None,
     """Re-target a fine-tuned run to another budget by moving its gate thresholds; writes a new run."""
     checked, recipe, splits = check_calibrate(run, budget, out, data, data_dir)
     _, calib, test = splits
-    model = load(run)
+    model = use_runtime(load(run))
     with _settling(console, f"calibrating gate thresholds to {budget:.2f}") as progress:
         cal = settle(model, loader(calib, 256), recipe, progress=progress)
     if console is not None:
