@@ -14,10 +14,11 @@ LAYERS = [
     (1, "dynamize.models"), (1, "dynamize.ranges"),
     (2, "dynamize.graph"),
     (3, "dynamize.io"),
-    (4, "dynamize.training"), (4, "dynamize.runtime"),
-    (5, "dynamize.reporting"),
-    (6, "dynamize"),
-    (7, "dynamize_cli"),
+    (4, "dynamize.runtime"),
+    (5, "dynamize.training"),
+    (6, "dynamize.reporting"),
+    (7, "dynamize"),
+    (8, "dynamize_cli"),
 ]
 
 
