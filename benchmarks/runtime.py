@@ -31,8 +31,9 @@ from rich.console import Console
 from rich.table import Table
 
 import dynamize
+from dynamize.io.runs import read_config
 from dynamize.runtime.bench import BenchResult, bench, open_target
-from dynamize_cli.bench import IMAGES_PER_BATCH, sample_images
+from dynamize_cli.bench import IMAGES_PER_BATCH, sample_images, timing_cells
 
 
 @dataclass(frozen=True)
@@ -70,10 +71,7 @@ def table(rows: list[tuple[BenchResult, str, str]], title: str) -> Table:
                 "speedup (p10-p90)", "ideal", "share of ideal", "target", "met"):
         t.add_column(col, justify="left" if col in ("model", "target") else "right")
     for r, target, met in rows:
-        t.add_row(r.model, str(r.batch_size), f"{r.fraction:.3f}",
-                  f"{r.dense_ms:.1f} ({r.dense_p10:.1f}-{r.dense_p90:.1f})",
-                  f"{r.dynamic_ms:.1f} ({r.dynamic_p10:.1f}-{r.dynamic_p90:.1f})",
-                  f"{r.speedup:.2f}x ({r.speedup_p10:.2f}-{r.speedup_p90:.2f})", f"{r.ideal:.2f}x",
+        t.add_row(r.model, str(r.batch_size), f"{r.fraction:.3f}", *timing_cells(r), f"{r.ideal:.2f}x",
                   f"{r.speedup / r.ideal:.2f}", target, met)
     return t
 
@@ -87,10 +85,7 @@ def pruned_table(rows: list[BenchResult], title: str) -> Table:
         t.add_column(col, justify="left" if col == "model" else "right")
     for r in rows:
         thirds = [f"{f:.3f}, {ms:.1f}" for f, ms in r.by_cost()] if r.batch_size == 1 else ["–", "–"]
-        t.add_row(r.model, str(r.batch_size), f"{r.fraction:.3f}",
-                  f"{r.dense_ms:.1f} ({r.dense_p10:.1f}-{r.dense_p90:.1f})",
-                  f"{r.dynamic_ms:.1f} ({r.dynamic_p10:.1f}-{r.dynamic_p90:.1f})",
-                  f"{r.speedup:.2f}x ({r.speedup_p10:.2f}-{r.speedup_p90:.2f})", *thirds)
+        t.add_row(r.model, str(r.batch_size), f"{r.fraction:.3f}", *timing_cells(r), *thirds)
     return t
 
 
@@ -184,7 +179,9 @@ def main() -> None:
         if args.against_pruned:
             from static_baseline import prune_to  # Torch-Pruning: the benchmark-only extra, needed for this only
 
-            budget = json.loads((Path(run) / "config.json").read_text())["dynamize"]["budget"]
+            budget = read_config(run)["dynamize"].get("budget")
+            if budget is None:
+                raise SystemExit(f"error: {run} has no budget (not a fine-tuned run); --against-pruned needs one")
             static, got = prune_to(dense, budget, net.plan.input_size)
             against = bench(net, static, f"{name} vs Torch-Pruning {got:.3f}", [1, 32], size, repeats=args.repeats,
                             warmup=args.warmup, images=images, images_name=args.data)

@@ -19,16 +19,20 @@ from .options import in_range
 IMAGES_PER_BATCH = 4
 
 
+def timing_cells(r: BenchResult) -> list[str]:
+    """Reference ms, dynamic ms and their ratio, each as a median with its 10th-90th percentiles."""
+    return [f"{r.dense_ms:.1f} ({r.dense_p10:.1f}-{r.dense_p90:.1f})",
+            f"{r.dynamic_ms:.1f} ({r.dynamic_p10:.1f}-{r.dynamic_p90:.1f})",
+            f"{r.speedup:.2f}x ({r.speedup_p10:.2f}-{r.speedup_p90:.2f})"]
+
+
 def results_table(results: list[BenchResult], title: str) -> Table:
     """Measured speedup next to the speedup the FLOPs promise; medians with the 10th-90th percentiles."""
     t = Table(title=title, title_justify="left")
     for col in ("model", "batch", "FLOPs fraction", "dense ms", "dynamic ms", "speedup", "ideal", "achieved/ideal"):
         t.add_column(col, justify="left" if col == "model" else "right")
     for r in results:
-        t.add_row(r.model, str(r.batch_size), f"{r.fraction:.3f}",
-                  f"{r.dense_ms:.1f} ({r.dense_p10:.1f}-{r.dense_p90:.1f})",
-                  f"{r.dynamic_ms:.1f} ({r.dynamic_p10:.1f}-{r.dynamic_p90:.1f})",
-                  f"{r.speedup:.2f}x ({r.speedup_p10:.2f}-{r.speedup_p90:.2f})", f"{r.ideal:.2f}x",
+        t.add_row(r.model, str(r.batch_size), f"{r.fraction:.3f}", *timing_cells(r), f"{r.ideal:.2f}x",
                   f"{r.speedup / r.ideal:.2f}")
     return t
 
