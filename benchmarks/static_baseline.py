@@ -68,7 +68,7 @@ def main() -> None:
     student, fraction = prune_to(teacher, args.fraction, size)
     console.print(f"pruned to a FLOPs fraction of {fraction:.4f} (asked {args.fraction})")
     train, calib, test = datasets(DataSpec(recipe.data, recipe.data_dir, recipe.img_size, recipe.in_chans),
-                                  recipe.calib_size, recipe.train_subset, recipe.seed)
+                                  recipe.calib_size, recipe.train_subset, recipe.seed, recipe.eval_subset)
     task = LogitDistillationTask(student.train(), teacher, criterion=nn.CrossEntropyLoss(
         label_smoothing=recipe.label_smoothing), distill_loss_weight=recipe.distill_weight,
         task_loss_weight=recipe.task_weight, temperature=recipe.temperature, verbose=False)

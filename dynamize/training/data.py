@@ -11,7 +11,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 from PIL import Image
@@ -196,21 +196,28 @@ class HeldOut(Subset):
     """Evaluation images held out from the training images of a folder that has no val/, validation/ or test/."""
 
 
+class FirstImages(Subset):
+    """The first images of an evaluation split (`eval_subset`): the same images for every run."""
+
+
 class Splits(NamedTuple):
     """The three disjoint splits of a data set."""
     train: Subset
     calib: Subset
-    evaluation: "_Images | HeldOut"
+    evaluation: "_Images | HeldOut | FirstImages"
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "calib": len(self.calib), "eval": len(self.evaluation)}
 
     def describe(self) -> str:
-        """One line: the size of each split, and where the evaluation images come from when held out."""
-        n = self.sizes()
+        """One line: the size of each split, and where the evaluation images come from when held out or cut."""
+        n, ev = self.sizes(), self.evaluation
+        whole = cast("_Images | HeldOut", ev.dataset) if isinstance(ev, FirstImages) else ev
+        first = f" (the first {len(ev):,} of {len(whole):,})" if ev is not whole else ""
         held = (" (evaluation images held out from train/: the folder has no val/, validation/ or test/)"
-                if isinstance(self.evaluation, HeldOut) else "")
-        return f"data: {n['train']:,} training, {n['calib']:,} calibration and {n['eval']:,} evaluation images{held}"
+                if isinstance(whole, HeldOut) else "")
+        return (f"data: {n['train']:,} training, {n['calib']:,} calibration and {n['eval']:,} evaluation "
+                f"images{first}{held}")
 
 
 def split_size(n: int) -> int:
@@ -237,13 +244,16 @@ def _evaluation(spec: DataSpec, raw_train, raw_eval) -> tuple["_Images | HeldOut
     return HeldOut(_Images(raw_train, _mode(spec), transform(spec, False)), held), rest
 
 
-def datasets(spec: DataSpec, calib_size: int | None = None, train_subset: int = 0, seed: int = 0) -> Splits:
+def datasets(spec: DataSpec, calib_size: int | None = None, train_subset: int = 0, seed: int = 0,
+             eval_subset: int = 0) -> Splits:
     """(train, calibration, evaluation) datasets, disjoint; calibration is carved from the training images with
     `seed`, evaluation is the data set's own split or, for a folder without one, held out from train/.
 
     Args:
         calib_size: calibration images; None: `split_size` of the training images.
         train_subset: if > 0, use only this many training images (a random subset, for quick runs).
+        eval_subset: if > 0, evaluate only the first this many images of the evaluation split (the same images for
+            every run, so quick runs stay comparable).
 
     Raises:
         DataError: missing or malformed data, or too few training images for the calibration split.
@@ -260,7 +270,8 @@ def datasets(spec: DataSpec, calib_size: int | None = None, train_subset: int = 
         train_idx = train_idx[:train_subset]
     train = Subset(_Images(raw_train, _mode(spec), transform(spec, True)), train_idx)
     calib = Subset(_Images(raw_train, _mode(spec), transform(spec, False)), calib_idx)
-    return Splits(train, calib, evaluation)
+    evaluation_used = FirstImages(evaluation, range(eval_subset)) if 0 < eval_subset < len(evaluation) else evaluation
+    return Splits(train, calib, evaluation_used)
 
 
 def eval_dataset(spec: DataSpec) -> "_Images | HeldOut":

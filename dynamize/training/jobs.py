@@ -11,7 +11,7 @@ import torch
 from rich.console import Console
 from timm.task import ClassificationTask
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from ..graph.rewrite import DynamicNet
 from ..io.runs import load, load_base, load_teacher, save, save_base
@@ -37,12 +37,6 @@ def provenance() -> dict:
     """Who made a run, when and how: recorded in config.json."""
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
             "dynamize": __version__, "torch": torch.__version__, "command": " ".join(sys.argv)}
-
-
-def _eval_loader(ds, recipe: Recipe):
-    if recipe.eval_subset and recipe.eval_subset < len(ds):
-        ds = Subset(ds, range(recipe.eval_subset))
-    return loader(ds, 256)
 
 
 def _on_split(prefix: str, data):
@@ -79,7 +73,7 @@ def train_base(recipe: Recipe, out: Path, resume: bool = False, console: Console
                   console=console, evaluate=_on_split("calib", loader(calib, 256)))
     if not ddp.main:
         return {}
-    result = {"eval": evaluate(model, _eval_loader(test, recipe)), "history": history}
+    result = {"eval": evaluate(model, loader(test, 256)), "history": history}
     save_base(model, out, recipe.in_chans, {"recipe": recipe.to_dict(), "splits": data.sizes(),
                                             "eval": result["eval"], "provenance": provenance()})
     return result
@@ -168,8 +162,8 @@ def finetune(run: Path, recipe: Recipe, out: Path, resume: bool = False, console
     with _settling(console, "calibrating gate thresholds to the budget") as progress:
         cal = settle(student, calib_loader, recipe, progress=progress)
     console.print(_settled(cal))
-    result = {"calibration": cal, "eval": evaluate(student, _eval_loader(test, recipe)),
-              "teacher_eval": evaluate(teacher, _eval_loader(test, recipe)), "history": history}
+    result = {"calibration": cal, "eval": evaluate(student, loader(test, 256)),
+              "teacher_eval": evaluate(teacher, loader(test, 256)), "history": history}
     save(student, out, {"budget": recipe.budget, "gates_trained": recipe.gates, "recipe": recipe.to_dict(),
                         "teacher": str(Path(config["dynamize"].get("teacher", run)).resolve()),
                         "parent": str(Path(run).resolve()), "splits": inputs.splits.sizes(), "calibration": cal,
@@ -187,7 +181,7 @@ def recalibrate(run: Path, budget: float, out: Path, data: str | None = None,
         cal = settle(model, loader(calib, 256), recipe, progress=progress)
     if console is not None:
         console.print(_settled(cal))
-    result = {"calibration": cal, "eval": evaluate(model, _eval_loader(test, recipe))}
+    result = {"calibration": cal, "eval": evaluate(model, loader(test, 256))}
     carried = {k: v for k, v in checked.info.items() if k not in ("version", "plan")}
     save(model, out, {**carried, "budget": budget, "recipe": recipe.to_dict(), "parent": str(Path(run).resolve()),
                       "splits": splits.sizes(), "calibration": cal, "eval": result["eval"],

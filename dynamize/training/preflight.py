@@ -32,7 +32,7 @@ def data_spec(recipe: Recipe) -> DataSpec:
 
 def splits(recipe: Recipe) -> Splits:
     """The recipe's training, calibration and evaluation splits."""
-    return datasets(data_spec(recipe), recipe.calib_size, recipe.train_subset, recipe.seed)
+    return datasets(data_spec(recipe), recipe.calib_size, recipe.train_subset, recipe.seed, recipe.eval_subset)
 
 
 def check_output(out: Path, resume: bool) -> None:

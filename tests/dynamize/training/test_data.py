@@ -1,6 +1,7 @@
 """Data splits: training, calibration and evaluation are disjoint; an image folder is never evaluated on its training
 images; default split sizes follow the size of the training split."""
 import pytest
+import torch
 from helpers import make_image_folder
 
 from dynamize.training.data import DataError, DataSpec, HeldOut, datasets, eval_dataset, num_classes, split_size
@@ -76,3 +77,17 @@ def test_calibration_larger_than_the_training_split_names_the_fix(tmp_path):
     root = make_image_folder(tmp_path / "d", per_class=2)
     with pytest.raises(DataError, match="leave it unset"):
         datasets(_spec(root), calib_size=100)
+
+
+def test_an_evaluation_subset_is_the_first_images_and_is_reported_as_such(tmp_path):
+    root = make_image_folder(tmp_path / "d", per_class=20)
+    whole = datasets(_spec(root)).evaluation
+    cut = datasets(_spec(root), eval_subset=25)
+    assert cut.sizes()["eval"] == 25
+    assert all(torch.equal(cut.evaluation[i][0], whole[i][0]) for i in range(25))  # the same images, in order
+    assert not torch.equal(cut.evaluation[0][0], whole[1][0])
+    assert cut.describe() == "data: 45 training, 15 calibration and 25 evaluation images (the first 25 of 60)"
+    assert "first" not in datasets(_spec(root), eval_subset=60).describe()  # all of them: nothing was cut
+    held = datasets(_spec(make_image_folder(tmp_path / "h", per_class=20, splits=("train",))), eval_subset=10)
+    assert len(held.evaluation) == 10
+    assert "(the first 10 of 15) (evaluation images held out from train/" in held.describe()
