@@ -41,8 +41,9 @@ def inspect(run: Path = typer.Argument(..., help="run directory")) -> None:
     checked = check_run(run)
     console = Console()
     if checked.plan is None:
-        console.print(f"{run}: a plain {checked.architecture} ({checked.num_classes} classes, {checked.in_chans} "
-                      f"input channels); convert it with `dynamize convert {run}`")
+        channels = f"{checked.in_chans} input channel{'s' if checked.in_chans != 1 else ''}"
+        console.print(f"{run}: a plain {checked.architecture} ({checked.num_classes} classes, {channels}); convert it "
+                      f"with `dynamize convert {run}`")
         return
     print_plan(checked.plan, f"dynamize plan of {run}", console)
 
