@@ -4,8 +4,7 @@ import math
 import pytest
 import torch
 
-from dynamize.training.budget import (BudgetSchedule, batch_shaping_loss, beta_quantiles, bounds_loss,
-                                      polarization_loss)
+from dynamize.training.budget import BudgetSchedule, batch_shaping_loss, beta_quantiles, bounds_loss, polarization_loss
 
 
 def test_schedule_starts_open_and_ends_at_the_budget():

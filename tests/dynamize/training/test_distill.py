@@ -8,9 +8,9 @@ from helpers import make_image_folder, randomize
 from torch import nn
 
 import dynamize
+from dynamize.training.budget import polarization_loss
 from dynamize.training.calibrate import mean_fraction
 from dynamize.training.data import DataSpec, datasets, loader
-from dynamize.training.budget import polarization_loss
 from dynamize.training.distill import BudgetDistillationTask, configure_gates, param_groups
 from dynamize.training.loop import fit
 from dynamize.training.recipe import load_recipe
