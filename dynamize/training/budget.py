@@ -7,8 +7,6 @@ Lessons of the peers that fine-tune pretrained networks without collapse, each a
   switched off wholesale before the others have learned what they can drop (DynConv, DGNet);
 - batch shaping (Bejnordi et al.) matches each gate's keep probabilities over a batch to a U-shaped Beta prior, so
   that a gate is on for some images and off for others instead of settling on a constant; its weight decays;
-- gates that ignore the image (the static baseline) have no batch to shape: a polarization penalty pushes each of
-  their units clearly on or clearly off instead, so that training and inference keep the same units;
 - the Gumbel noise decays to zero, so the decisions of late training are the deterministic ones of inference.
 """
 import math
@@ -108,22 +106,3 @@ def batch_shaping_loss(probs: Iterable[torch.Tensor], prior_mean: float, concent
         q = beta_quantiles(mean, concentration, p.shape[0]).to(p)
         losses.append(((p.sort(dim=0).values - q[:, None]) ** 2).mean())
     return torch.stack(losses).mean()
-
-
-def polarization_loss(probs: Iterable[torch.Tensor]) -> torch.Tensor:
-    """4 p (1 - p) over the units of gates that ignore the image: 1 for a unit resting at a keep probability of one
-    half, 0 for one clearly on or off.
-
-    A static unit near one half is kept by about half of the images in training, where the noise decides, but by
-    all of them or none at inference; with many such units the FLOPs reached in training and those spent at
-    inference part ways (a ResNet-18 run at budget 0.25: 0.27 on the calibration split at the end of one epoch,
-    0.39 when it settled). Batch shaping cannot help: every image has the same probabilities.
-
-    Args:
-        probs: per gate, its keep probabilities [batch, units] (rows equal: the first is read).
-    """
-    units = [p[0] for p in probs]
-    if not units:
-        return torch.zeros(())
-    p = torch.cat(units)
-    return (4 * p * (1 - p)).mean()

@@ -2,8 +2,7 @@
 
 Training runs in two phases inside one resumable loop:
 1. gate learning: task CE + T^2 KL(teacher || student) + the budget terms; the FLOPs target anneals from 1.0 to
-   the budget, the per-block bounds relax, batch shaping fades (static gates: polarization stays) and the gates'
-   noise decays to zero;
+   the budget, the per-block bounds relax, batch shaping fades and the gates' noise decays to zero;
 2. settling (the last `settle_fraction` of the steps): at its first step the job's `settle` callback calibrates the
    thresholds to the budget and re-estimates BatchNorm statistics; the gates and the BatchNorm statistics are then
    frozen and the backbone is fine-tuned with the deterministic decisions and statistics it will see at inference.
@@ -18,7 +17,7 @@ from torch import nn
 from ..graph.cost import flops_per_image
 from ..graph.rewrite import DynamicNet
 from .batchnorm import freeze_statistics
-from .budget import BudgetSchedule, batch_shaping_loss, block_densities, bounds_loss, polarization_loss
+from .budget import BudgetSchedule, batch_shaping_loss, block_densities, bounds_loss
 from .recipe import Recipe
 
 SHAPING_CONCENTRATION = 0.8  # a + b of the batch-shaping prior: U-shaped, most images clearly on or off
@@ -33,9 +32,8 @@ class BudgetDistillationTask(LogitDistillationTask):
     """Loss = task CE + T^2 KL(teacher || student) + budget terms while the gates learn; CE + KL once they settle.
 
     The budget terms: budget_weight * (mean FLOPs fraction - target)^2 (two-sided: spending less than the budget
-    costs accuracy for nothing) + bounds_weight * per-block bounds + shaping_weight * batch shaping (for static
-    gates: * polarization). The task owns its schedule: the training loop calls `on_step(step, total)` before each
-    step.
+    costs accuracy for nothing) + bounds_weight * per-block bounds + shaping_weight * batch shaping. The task owns
+    its schedule: the training loop calls `on_step(step, total)` before each step.
 
     Args:
         student: the gated model.
@@ -88,12 +86,10 @@ class BudgetDistillationTask(LogitDistillationTask):
         bounds = bounds_loss(block_densities(self.student), s.target, s.tightness)
         # A unit's share of images: the k-th root of the target when k kinds of gates multiply each other's cost.
         probs = [gate.last_prob for _, _, gate in self.student.gates() if gate.is_active and gate.last_prob is not None]
-        if r.static_gates:  # one decision per unit for every image: push each unit on or off, to the end
-            shaping, shaping_weight = polarization_loss(probs), r.shaping_weight
-        else:
-            shaping = batch_shaping_loss(probs, s.target ** (1 / self.kinds), SHAPING_CONCENTRATION)
-            shaping_weight = r.shaping_weight * s.shaping
-        out["loss"] = (out["loss"] + r.budget_weight * budget + r.bounds_weight * bounds + shaping_weight * shaping)
+        shaping = batch_shaping_loss(probs, s.target ** (1 / self.kinds), SHAPING_CONCENTRATION)
+        shaping_weight = 0.0 if r.static_gates else r.shaping_weight  # one decision per gate: nothing to shape
+        out["loss"] = (out["loss"] + r.budget_weight * budget + r.bounds_weight * bounds
+                       + shaping_weight * s.shaping * shaping)
         out.update(budget_loss=budget.detach(), bounds_loss=bounds.detach(), shaping_loss=shaping.detach())
         return out
 
