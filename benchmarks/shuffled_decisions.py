@@ -18,14 +18,13 @@ import torch
 from budget_sweep import facts
 from rich.console import Console
 from rich.table import Table
-from torch.utils.data import Subset
 
 from dynamize.graph.cost import flops_per_image
 from dynamize.graph.rewrite import DynamicNet
 from dynamize.io.runs import load, read_config
 from dynamize.reporting.report import data_spec
 from dynamize.runtime.bench import release
-from dynamize.training.data import eval_dataset, loader
+from dynamize.training.data import eval_dataset, first_images, loader
 
 
 @torch.no_grad()
@@ -51,8 +50,7 @@ def measure(run: str, limit: int, seed: int = 0) -> dict:
     """Accuracy and FLOPs of `run` on its evaluation split, with its own and with shuffled decisions."""
     net = load(run).eval()
     config = read_config(run)
-    split = eval_dataset(data_spec(Path(run), config, None))
-    ds = Subset(split, range(min(limit, len(split)))) if limit else split
+    ds = first_images(eval_dataset(data_spec(Path(run), config, None)), limit)
     generator = torch.Generator().manual_seed(seed)
     parts: dict[str, list[torch.Tensor]] = {}
     for images, labels in loader(ds, 256):

@@ -22,7 +22,7 @@ from ..graph.rewrite import DynamicNet
 from ..io.atomic import check_output_dir, write_json, write_text
 from ..io.runs import GATED, check_run, latest_run, load, load_teacher
 from ..runtime.bench import bench, open_target
-from ..training.data import DataError, DataSpec, eval_dataset, loader, num_classes
+from ..training.data import DataError, DataSpec, eval_dataset, first_images, loader, num_classes
 from ..training.evaluate import adaptivity, decision_codes
 from ..version import __version__
 from .markdown import render_markdown
@@ -218,7 +218,7 @@ def evaluate_run(run: Path, name: str | None = None, data: str | None = None, da
     if classes != model.num_classes:
         raise DataError(f"{spec.name} has {classes} classes but {run} has a {model.num_classes}-class head; "
                         "pass the data set the run was trained on with --data")
-    ds = Subset(split, range(limit)) if limit and limit < len(split) else split
+    ds = first_images(split, limit)
     if len(ds) == 0:
         raise DataError(f"the evaluation split of {spec.name} has no images")
     c = _collect(model, load_teacher(run), loader(ds, batch_size))

@@ -270,8 +270,13 @@ def datasets(spec: DataSpec, calib_size: int | None = None, train_subset: int = 
         train_idx = train_idx[:train_subset]
     train = Subset(_Images(raw_train, _mode(spec), transform(spec, True)), train_idx)
     calib = Subset(_Images(raw_train, _mode(spec), transform(spec, False)), calib_idx)
-    evaluation_used = FirstImages(evaluation, range(eval_subset)) if 0 < eval_subset < len(evaluation) else evaluation
-    return Splits(train, calib, evaluation_used)
+    return Splits(train, calib, first_images(evaluation, eval_subset))
+
+
+def first_images(evaluation: "_Images | HeldOut", n: int) -> "_Images | HeldOut | FirstImages":
+    """The first n images of an evaluation split (all of it when n is 0 or at least its size): the same images for
+    every run and every command, so quick runs stay comparable."""
+    return FirstImages(evaluation, range(n)) if 0 < n < len(evaluation) else evaluation
 
 
 def eval_dataset(spec: DataSpec) -> "_Images | HeldOut":
