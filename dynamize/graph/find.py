@@ -254,6 +254,14 @@ def _producers(g: Graph) -> Iterator[tuple[fx.Node, int, tuple[int, ...]]]:
             yield n, -1, shape
 
 
+def _is_pointwise(g: Graph, producer: fx.Node) -> bool:
+    """A 1x1 convolution: on a 1x1 map it is a linear layer on a pooled vector (squeeze-excite, a head), where the
+    gate and the gathers cost about what they save. A wider kernel on a 1x1 map (the last stage of a ResNet at small
+    inputs) is a full convolution and is gated."""
+    m = ops.module_of(g.gm, producer)
+    return not isinstance(m, nn.Conv2d) or tuple(m.kernel_size) == (1, 1)
+
+
 def find_groups(g: Graph, blocks: list[Block]) -> tuple[list[Group], list[Skipped]]:
     """Channel groups, each tagged with the residual block whose branch holds it, and the convs rejected."""
     block_of = {n: b for b in blocks for n in b.region}
@@ -261,8 +269,9 @@ def find_groups(g: Graph, blocks: list[Block]) -> tuple[list[Group], list[Skippe
     skipped: list[Skipped] = []
     for producer, axis, shape in _producers(g):
         name = owner(producer)
-        if axis == 1 and shape[2:] == (1, 1):
-            skipped.append(Skipped("group", name, "works on a 1x1 map (squeeze-excite or head): too small"))
+        if axis == 1 and shape[2:] == (1, 1) and _is_pointwise(g, producer):
+            skipped.append(Skipped("group", name, "a 1x1 convolution on a 1x1 map (squeeze-excite or head): "
+                                                  "too small"))
             continue
         group = _follow(g, producer, axis, shape[axis])
         if isinstance(group, str):
