@@ -179,3 +179,25 @@ def test_an_in_place_update_belongs_to_the_value_it_changes():
     assert any(n.target == "mul_" for n in block.region)
     _, blocks, _ = analyse(InPlace(other=True))  # y.add_(z) reads the branch output but changes y
     assert not blocks
+
+
+class PooledTail(nn.Module):
+    """A residual block on a 1x1 map (ResNet's last stage at a small input), then a squeeze-excite-like pair of 1x1
+    convolutions on the pooled vector."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = Basic()
+        self.reduce, self.expand = nn.Conv2d(C, 4, 1), nn.Conv2d(4, C, 1)
+
+    def forward(self, x):
+        return self.expand(torch.relu(self.reduce(self.block(x))))
+
+
+def test_a_full_convolution_on_a_1x1_map_is_gated_a_pointwise_one_is_not():
+    g, blocks, _ = analyse(PooledTail(), size=(C, 1, 1))
+    groups, skipped = find_groups(g, blocks)
+    assert [group.producer.target for group in groups] == ["block.f1.0"]
+    pointwise = "a 1x1 convolution on a 1x1 map (squeeze-excite or head)"
+    assert [(s.where, s.reason.split(":")[0]) for s in skipped if "1x1 map" in s.reason] == [
+        ("reduce", pointwise), ("expand", pointwise)]
