@@ -141,7 +141,7 @@ class Gate(nn.Module):
     def relaxed(self, soft: torch.Tensor, logit: torch.Tensor) -> torch.Tensor:
         """Training decisions [batch, units]: hard 0/1 forward, the gradient of the noisy sigmoids `soft` backward."""
         hard = self._at_least_min_keep(soft > 0.5, logit)
-        return hard.to(soft.dtype) + soft - soft.detach()
+        return hard.to(soft.dtype) + (soft - soft.detach())  # exactly 0/1 forward: (soft - soft) is exactly 0
 
     def probability(self, logit: torch.Tensor) -> torch.Tensor:
         """Keep probability of each unit without noise, [batch, units]."""
@@ -191,7 +191,7 @@ class WidthGate(Gate):
         return self.prefixes(self.widths[0] + kept @ self.steps).to(logit.dtype)
 
     def relaxed(self, soft: torch.Tensor, logit: torch.Tensor) -> torch.Tensor:
-        return self.expand(((soft > 0.5).to(soft.dtype) + soft - soft.detach()).cumprod(1))
+        return self.expand(((soft > 0.5).to(soft.dtype) + (soft - soft.detach())).cumprod(1))
 
     def probability(self, logit: torch.Tensor) -> torch.Tensor:
         return self.expand(torch.sigmoid(logit - self.threshold).cumprod(1))
