@@ -270,8 +270,8 @@ def find_groups(g: Graph, blocks: list[Block]) -> tuple[list[Group], list[Skippe
     for producer, axis, shape in _producers(g):
         name = owner(producer)
         if axis == 1 and shape[2:] == (1, 1) and _is_pointwise(g, producer):
-            skipped.append(Skipped("group", name, "a 1x1 convolution on a 1x1 map (squeeze-excite or head): "
-                                                  "too small"))
+            skipped.append(Skipped("group", name, "a 1x1 convolution on a 1x1 map (as in squeeze-excite and "
+                                                  "heads): too little work to gate"))
             continue
         group = _follow(g, producer, axis, shape[axis])
         if isinstance(group, str):

@@ -198,6 +198,6 @@ def test_a_full_convolution_on_a_1x1_map_is_gated_a_pointwise_one_is_not():
     g, blocks, _ = analyse(PooledTail(), size=(C, 1, 1))
     groups, skipped = find_groups(g, blocks)
     assert [group.producer.target for group in groups] == ["block.f1.0"]
-    pointwise = "a 1x1 convolution on a 1x1 map (squeeze-excite or head)"
+    pointwise = "a 1x1 convolution on a 1x1 map (as in squeeze-excite and heads)"
     assert [(s.where, s.reason.split(":")[0]) for s in skipped if "1x1 map" in s.reason] == [
         ("reduce", pointwise), ("expand", pointwise)]
