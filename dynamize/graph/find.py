@@ -254,14 +254,6 @@ def _producers(g: Graph) -> Iterator[tuple[fx.Node, int, tuple[int, ...]]]:
             yield n, -1, shape
 
 
-def _is_pointwise(g: Graph, producer: fx.Node) -> bool:
-    """A 1x1 convolution: on a 1x1 map it is a linear layer on a pooled vector (squeeze-excite, a head), where the
-    gate and the gathers cost about what they save. A wider kernel on a 1x1 map (the last stage of a ResNet at small
-    inputs) is a full convolution and is gated."""
-    m = ops.module_of(g.gm, producer)
-    return not isinstance(m, nn.Conv2d) or tuple(m.kernel_size) == (1, 1)
-
-
 def find_groups(g: Graph, blocks: list[Block]) -> tuple[list[Group], list[Skipped]]:
     """Channel groups, each tagged with the residual block whose branch holds it, and the convs rejected."""
     block_of = {n: b for b in blocks for n in b.region}
@@ -269,7 +261,9 @@ def find_groups(g: Graph, blocks: list[Block]) -> tuple[list[Group], list[Skippe
     skipped: list[Skipped] = []
     for producer, axis, shape in _producers(g):
         name = owner(producer)
-        if axis == 1 and shape[2:] == (1, 1) and _is_pointwise(g, producer):
+        # A 1x1 convolution on a 1x1 map has too little work for a gate to save; a wider kernel there (a ResNet's
+        # last stage at a small input) is a full convolution and is gated.
+        if axis == 1 and shape[2:] == (1, 1) and ops.is_pointwise_conv(ops.module_of(g.gm, producer)):
             skipped.append(Skipped("group", name, "a 1x1 convolution on a 1x1 map (as in squeeze-excite and "
                                                   "heads): too little work to gate"))
             continue

@@ -65,6 +65,11 @@ def is_full_conv(m: nn.Module | None) -> bool:
     return is_plain_conv(m) and m.groups == 1
 
 
+def is_pointwise_conv(m: nn.Module | None) -> TypeGuard[nn.Conv2d]:
+    """A 1x1 convolution: on a 1x1 map, a linear layer on a pooled vector (squeeze-excite, a head)."""
+    return isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == (1, 1)
+
+
 def is_depthwise(m: nn.Module | None) -> TypeGuard[nn.Conv2d]:
     """A plain depthwise convolution: one filter per channel, so it can run on any subset of channels."""
     return is_plain_conv(m) and 1 < m.groups == m.in_channels == m.out_channels

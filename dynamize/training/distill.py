@@ -86,10 +86,10 @@ class BudgetDistillationTask(LogitDistillationTask):
         bounds = bounds_loss(block_densities(self.student), s.target, s.tightness)
         # A unit's share of images: the k-th root of the target when k kinds of gates multiply each other's cost.
         probs = [gate.last_prob for _, _, gate in self.student.gates() if gate.is_active and gate.last_prob is not None]
-        shaping = batch_shaping_loss(probs, s.target ** (1 / self.kinds), SHAPING_CONCENTRATION)
-        shaping_weight = 0.0 if r.static_gates else r.shaping_weight  # one decision per gate: nothing to shape
-        out["loss"] = (out["loss"] + r.budget_weight * budget + r.bounds_weight * bounds
-                       + shaping_weight * s.shaping * shaping)
+        shaping_weight = 0.0 if r.static_gates else r.shaping_weight * s.shaping  # static: nothing to shape
+        shaping = batch_shaping_loss(probs, s.target ** (1 / self.kinds), SHAPING_CONCENTRATION) if shaping_weight \
+            else budget.new_zeros(())
+        out["loss"] = (out["loss"] + r.budget_weight * budget + r.bounds_weight * bounds + shaping_weight * shaping)
         out.update(budget_loss=budget.detach(), bounds_loss=bounds.detach(), shaping_loss=shaping.detach())
         return out
 
