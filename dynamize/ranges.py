@@ -80,7 +80,6 @@ RANGES: dict[str, Range] = {
     "budget_weight": Range(float, 0.0, 1000.0),
     "bounds_weight": Range(float, 0.0, 1000.0),
     "shaping_weight": Range(float, 0.0, 1000.0),
-    "allocation_weight": Range(float, 0.0, 1000.0),
     "noise_final": Range(float, 0.0, 10.0),
     "bn_images": _count(),
     "temperature": Range(float, 0.0, 100.0, low_open=True),

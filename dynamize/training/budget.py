@@ -106,15 +106,3 @@ def batch_shaping_loss(probs: Iterable[torch.Tensor], prior_mean: float, concent
         q = beta_quantiles(mean, concentration, p.shape[0]).to(p)
         losses.append(((p.sort(dim=0).values - q[:, None]) ** 2).mean())
     return torch.stack(losses).mean()
-
-
-def allocation_loss(fractions: torch.Tensor, logits: torch.Tensor, target: float) -> torch.Tensor:
-    """Mean squared distance of each image's FLOPs fraction from a target of its own: the batch's target shared
-    in proportion to how unsure the student is of the image (1 - its top softmax probability), capped at 1.
-
-    What a confidence cascade shows on a small network: most images are served by a fraction of the FLOPs and a
-    few need all of them. The targets carry no gradient; the gates learn to spend where the student is unsure.
-    """
-    doubt = 1 - logits.detach().softmax(1).amax(1)
-    share = doubt / doubt.mean().clamp_min(1e-6)
-    return ((fractions - (target * share).clamp(max=1.0)) ** 2).mean()

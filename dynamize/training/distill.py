@@ -17,7 +17,7 @@ from torch import nn
 from ..graph.cost import flops_per_image
 from ..graph.rewrite import DynamicNet
 from .batchnorm import freeze_statistics
-from .budget import BudgetSchedule, allocation_loss, batch_shaping_loss, block_densities, bounds_loss
+from .budget import BudgetSchedule, batch_shaping_loss, block_densities, bounds_loss
 from .recipe import Recipe
 
 SHAPING_CONCENTRATION = 0.8  # a + b of the batch-shaping prior: U-shaped, most images clearly on or off
@@ -89,11 +89,8 @@ class BudgetDistillationTask(LogitDistillationTask):
         shaping_weight = 0.0 if r.static_gates else r.shaping_weight * s.shaping  # static: nothing to shape
         shaping = batch_shaping_loss(probs, s.target ** (1 / self.kinds), SHAPING_CONCENTRATION) if shaping_weight \
             else budget.new_zeros(())
-        allocation = allocation_loss(frac, out["output"], s.target) if r.allocation_weight else budget.new_zeros(())
-        out["loss"] = (out["loss"] + r.budget_weight * budget + r.bounds_weight * bounds + shaping_weight * shaping
-                       + r.allocation_weight * allocation)
-        out.update(budget_loss=budget.detach(), bounds_loss=bounds.detach(), shaping_loss=shaping.detach(),
-                   allocation_loss=allocation.detach())
+        out["loss"] = (out["loss"] + r.budget_weight * budget + r.bounds_weight * bounds + shaping_weight * shaping)
+        out.update(budget_loss=budget.detach(), bounds_loss=bounds.detach(), shaping_loss=shaping.detach())
         return out
 
 

@@ -49,7 +49,6 @@ class Recipe:
     budget_weight: float = 10.0
     bounds_weight: float = 10.0
     shaping_weight: float = 1.0
-    allocation_weight: float = 0.0  # per-image targets: images the student finds hard get more FLOPs
     temperature: float = 2.0
     anneal_fraction: float = 0.3
     bounds_fraction: float = 0.5
