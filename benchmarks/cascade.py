@@ -1,7 +1,7 @@
 """What per-image compute can win on a task: a small model that hands the images it is unsure of to the original.
 
 A confidence cascade is the simplest input-adaptive network: every image runs a cheap model, and the images whose
-top softmax probability falls below a threshold run the original (teacher) model as well. An escalated image costs
+top softmax probability is at or below a threshold run the original (teacher) model as well. An escalated image costs
 the cheap model's FLOPs plus all of the original's (nothing is reused). The threshold is chosen on the calibration
 split (held out from training, as dynamize's own calibration) so that the mean cost there meets each budget, and
 accuracy and cost are then measured on the evaluation split. Set against the dynamic and static models of the same
@@ -49,17 +49,17 @@ def outputs(model: nn.Module, data, fraction: float = 1.0) -> dict[str, torch.Te
 
 
 def threshold_for(small: dict[str, torch.Tensor], budget: float) -> float:
-    """The confidence below which images escalate, so that the mean cost (small model + original) meets `budget`
-    on these images: the least confident escalate first."""
+    """The confidence at or below which images escalate, so that the mean cost (small model + original) meets
+    `budget` on these images: the least confident escalate first (-inf: none does)."""
     order = small["confidence"].argsort()
     cost = small["flops"].mean() + torch.arange(1, len(order) + 1) / len(order)
     k = int((cost <= budget).sum())
-    return 0.0 if k == 0 else small["confidence"][order[k - 1]].item() + 1e-12
+    return float("-inf") if k == 0 else small["confidence"][order[k - 1]].item()
 
 
 def cascade(small: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], threshold: float) -> dict:
     """Accuracy and per-image cost of the cascade at a threshold."""
-    escalate = small["confidence"] < threshold
+    escalate = small["confidence"] <= threshold
     cost = small["flops"] + escalate.float()
     correct = torch.where(escalate, teacher["correct"], small["correct"])
     q = {f"p{p}": cost.quantile(p / 100).item() for p in (5, 50, 95)}
@@ -101,7 +101,7 @@ def main() -> None:
                   "escalated", title=f"Confidence cascade to the original ({teacher_top1:.2f}% alone)")
     for model, name, fraction in smalls:
         calib, test = outputs(model, splits.calib, fraction), outputs(model, splits.evaluation, fraction)
-        alone = cascade(test, teacher["test"], 0.0)
+        alone = cascade(test, teacher["test"], float("-inf"))
         for budget in args.budgets:
             r = cascade(test, teacher["test"], threshold_for(calib, budget))
             table.add_row(name, f"{alone['top1']:.2f} / {alone['flops_mean']:.3f}", f"{budget}", f"{r['top1']:.2f}",
