@@ -1,4 +1,6 @@
 """The jobs behind the CLI: settling a gated model to its budget."""
+import pytest
+
 from dynamize.training import jobs
 from dynamize.training.recipe import Recipe
 
@@ -21,3 +23,12 @@ def test_settling_counts_the_settings_of_every_round(monkeypatch):
     assert cal["tried"] == 9 and shown == [1, 2, 3, 4, 5, 6, 7, 8, 9]
     assert cal["fraction"] == 0.5 and cal["trained_fraction"] == 0.9 and cal["seconds"] >= 0
     assert jobs._settled(cal).endswith("in 0 s, 9 threshold settings evaluated")
+
+
+def test_the_calibration_cut_is_a_share_of_what_the_gates_learned_to_spend():
+    assert jobs.calibration_cut(0.098, 0.05) > jobs._MAX_CALIBRATION_CUT  # 85.2% at 0.05: warned
+    assert jobs.calibration_cut(0.69, 0.3) > jobs._MAX_CALIBRATION_CUT  # MobileNetV2's collapse: warned
+    assert jobs.calibration_cut(0.064, 0.05) < jobs._MAX_CALIBRATION_CUT  # 89.9% at 0.05: not warned
+    assert jobs.calibration_cut(0.43, 0.3) < jobs._MAX_CALIBRATION_CUT  # kept its accuracy: not warned
+    assert jobs.calibration_cut(0.24, 0.25) == 0.0  # below the budget: nothing to cut
+    assert jobs.calibration_cut(0.08, 0.05) == pytest.approx(0.375)
