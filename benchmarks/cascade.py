@@ -67,20 +67,36 @@ def cascade(small: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], th
             "escalated": escalate.float().mean().item()}
 
 
-def pruned_model(teacher: nn.Module, spec: str, input_size) -> tuple[nn.Module, str, float]:
-    """A Torch-Pruning baseline from `OUT=FRACTION`: the teacher pruned again, with OUT's fine-tuned weights; its
-    name and FLOPs fraction."""
-    out, asked = spec.rsplit("=", 1)
-    model, fraction = prune_to(teacher, float(asked), input_size)
-    model.load_state_dict(load_file(Path(out) / "checkpoints" / "last" / "model.safetensors"))
-    return model, f"Torch-Pruning {Path(out).name}", fraction
+def pruned_spec(spec: str) -> tuple[Path, float]:
+    """`OUT=FRACTION` of a static_baseline.py run: its fine-tuned weights and the fraction it was pruned to."""
+    out, _, asked = spec.rpartition("=")
+    weights = Path(out) / "checkpoints" / "last" / "model.safetensors"
+    try:
+        fraction = float(asked)
+    except ValueError:
+        fraction = 0.0
+    if not out or not 0 < fraction <= 1:
+        raise argparse.ArgumentTypeError(f"{spec!r}: expected OUT=FRACTION with 0 < FRACTION <= 1")
+    if not weights.is_file():
+        raise argparse.ArgumentTypeError(f"{spec!r}: no {weights} (not a finished static_baseline.py run)")
+    return weights, fraction
+
+
+def pruned_model(teacher: nn.Module, spec: tuple[Path, float], input_size) -> tuple[nn.Module, str, float]:
+    """A Torch-Pruning baseline: the teacher pruned again to the same structure, with the run's fine-tuned weights;
+    its name and FLOPs fraction."""
+    weights, asked = spec
+    model, fraction = prune_to(teacher, asked, input_size)
+    model.load_state_dict(load_file(weights))
+    return model, f"Torch-Pruning {weights.parents[2].name}", fraction
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("teacher", type=Path, help="the original model: a `dynamize train` run")
     parser.add_argument("--runs", nargs="*", default=[], help="fine-tuned dynamize runs as the cheap model")
-    parser.add_argument("--pruned", nargs="*", default=[], help="OUT=FRACTION of static_baseline.py runs")
+    parser.add_argument("--pruned", nargs="*", default=[], type=pruned_spec,
+                        help="OUT=FRACTION of static_baseline.py runs")
     parser.add_argument("--budgets", nargs="+", type=float, required=True, help="mean FLOPs fractions")
     parser.add_argument("--seed", type=int, default=0, help="the cheap models' seed: its calibration split")
     parser.add_argument("--json", type=Path, help="append one result line per model and budget here")

@@ -26,7 +26,6 @@ def test_settling_counts_the_settings_of_every_round(monkeypatch):
     assert jobs._settled(cal).endswith("in 0 s, 9 threshold settings evaluated")
 
 
-
 @pytest.mark.parametrize("trained, budget, warned", [
     (0.098, 0.05, True),  # cut 49%: ended at 85.2% (docs/benchmarks.md)
     (0.081, 0.05, True),  # cut 38%: 88.9%, not warned by the old gap of 0.25 above the budget
