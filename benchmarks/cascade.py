@@ -1,5 +1,8 @@
 """What per-image compute can win on a task: a small model that hands the images it is unsure of to the original.
 
+`dynamize cascade` does this for a fine-tuned run; this benchmark also takes Torch-Pruning baselines as the cheap
+model, and several budgets in one pass.
+
 A confidence cascade is the simplest input-adaptive network: every image runs a cheap model, and the images whose
 top softmax probability is at or below a threshold run the original (teacher) model as well. An escalated image costs
 the cheap model's FLOPs plus all of the original's (nothing is reused). The threshold is chosen on the calibration
@@ -27,34 +30,19 @@ from safetensors.torch import load_file
 from static_baseline import prune_to
 from torch import nn
 
-from dynamize.graph.cost import flops_per_image
-from dynamize.graph.rewrite import DynamicNet
 from dynamize.io.runs import load, load_base, read_config
+from dynamize.runtime.cascade import escalation_threshold
 from dynamize.training.data import DataSpec, datasets, loader
+from dynamize.training.evaluate import predict
 
 
-@torch.no_grad()
 def outputs(model: nn.Module, data, fraction: float = 1.0) -> dict[str, torch.Tensor]:
     """Per image: top softmax probability, correctness and FLOPs fraction of the original's (a gated model's own,
     else `fraction`)."""
-    model.eval()
-    parts: dict[str, list[torch.Tensor]] = {"confidence": [], "correct": [], "flops": []}
-    for images, labels in loader(data, 256):
-        logits = model(images)
-        parts["confidence"].append(logits.softmax(1).amax(1))
-        parts["correct"].append(logits.argmax(1) == labels)
-        parts["flops"].append(flops_per_image(model) if isinstance(model, DynamicNet) else
-                              torch.full((len(labels),), fraction))
-    return {k: torch.cat(v) for k, v in parts.items()}
-
-
-def threshold_for(small: dict[str, torch.Tensor], budget: float) -> float:
-    """The confidence at or below which images escalate, so that the mean cost (small model + original) meets
-    `budget` on these images: the least confident escalate first (-inf: none does)."""
-    order = small["confidence"].argsort()
-    cost = small["flops"].mean() + torch.arange(1, len(order) + 1) / len(order)
-    k = int((cost <= budget).sum())
-    return float("-inf") if k == 0 else small["confidence"][order[k - 1]].item()
+    pred = predict(model, loader(data, 256))
+    correct = pred["top5"][:, 0] == pred["labels"]
+    return {"confidence": pred["confidence"], "correct": correct,
+            "flops": pred.get("fractions", torch.full((len(correct),), fraction))}
 
 
 def cascade(small: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], threshold: float) -> dict:
@@ -119,7 +107,7 @@ def main() -> None:
         calib, test = outputs(model, splits.calib, fraction), outputs(model, splits.evaluation, fraction)
         alone = cascade(test, teacher["test"], float("-inf"))
         for budget in args.budgets:
-            r = cascade(test, teacher["test"], threshold_for(calib, budget))
+            r = cascade(test, teacher["test"], escalation_threshold(calib["confidence"], calib["flops"], budget))
             table.add_row(name, f"{alone['top1']:.2f} / {alone['flops_mean']:.3f}", f"{budget}", f"{r['top1']:.2f}",
                           f"{r['flops_mean']:.3f}", f"{r['p5']:.3f} / {r['p50']:.3f} / {r['p95']:.3f}",
                           f"{r['escalated']:.3f}")

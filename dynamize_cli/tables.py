@@ -44,18 +44,19 @@ def print_plan(plan: GatePlan, title: str, console: Console) -> None:
 
 
 def result_table(title: str, result: dict, budget: float | None = None, name: str = "dynamic") -> Table:
-    """Accuracy and FLOPs of a trained, fine-tuned or calibrated model (and its teacher) on the test split."""
+    """Accuracy and FLOPs of a trained, fine-tuned or calibrated model (and its teacher; for a cascade, its gated
+    network alone) on the test split."""
     t = Table(title=title, title_justify="left")
     for col in ("model", "top-1 %", "top-5 %", "FLOPs mean", "p5 / p50 / p95"):
         t.add_column(col, justify="right")
     if "teacher_eval" in result:
         e = result["teacher_eval"]
         t.add_row("teacher (original)", f"{e['top1']:.2f}", f"{e['top5']:.2f}", "1.000", "1.000")
-    e = result["eval"]
-    a = e.get("adaptivity")
-    quantiles = f"{a['p5']:.3f} / {a['p50']:.3f} / {a['p95']:.3f}" if a else "-"
-    t.add_row(name + (f" (budget {budget:.2f})" if budget else ""), f"{e['top1']:.2f}", f"{e['top5']:.2f}",
-              f"{e.get('flops_mean', 1):.3f}", quantiles)
+    rows = [("gated network alone", result["gated_eval"])] if "gated_eval" in result else []
+    for label, e in [*rows, (name + (f" (budget {budget:.2f})" if budget else ""), result["eval"])]:
+        a = e.get("adaptivity")
+        quantiles = f"{a['p5']:.3f} / {a['p50']:.3f} / {a['p95']:.3f}" if a else "-"
+        t.add_row(label, f"{e['top1']:.2f}", f"{e['top5']:.2f}", f"{e.get('flops_mean', 1):.3f}", quantiles)
     return t
 
 

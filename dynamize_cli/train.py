@@ -1,10 +1,11 @@
-"""`dynamize train`, `finetune`, `calibrate` and `demo`."""
+"""`dynamize train`, `finetune`, `calibrate` and `cascade`."""
 from pathlib import Path
 
 import typer
 from rich.console import Console
 
 from dynamize.io.runs import GATED, check_run, latest_run, new_run_dir
+from dynamize.training.jobs import cascade as cascade_job
 from dynamize.training.jobs import finetune as finetune_job
 from dynamize.training.jobs import recalibrate, train_base
 from dynamize.training.loop import resume_recipe
@@ -88,7 +89,30 @@ def calibrate(
     console.print(f"wrote [bold]{out}[/bold]")
 
 
+def cascade(
+    run: Path = typer.Argument(..., help="fine-tuned run directory"),
+    budget: float = typer.Option(..., help="mean fraction of the original FLOPs for the gated network and the "
+                                           "escalations together, above the run's own, <= 1",
+                                 callback=in_range("budget")),
+    data: str | None = typer.Option(None, help="data set (default: the one the run was trained on)"),
+    data_dir: str | None = typer.Option(None, help="where the data set's files are"),
+    output: Path | None = typer.Option(None, "-o", "--output", help="new run directory (default: RUN-eB)"),
+) -> None:
+    """Add an escalation exit: the images the fine-tuned run is least sure of also run the original model, as many
+    as the budget pays for (no retraining)."""
+    out = output or Path(f"{run}-e{budget:.2f}")
+    console = Console()
+    with console.status(f"choosing the escalation threshold for budget {budget:.2f}"):
+        result = cascade_job(run, budget, out, data, data_dir)
+    print_result(console, f"{run} with escalation to the original at budget {budget:.2f}",
+                 result, budget, name="cascade")
+    console.print(f"{result['eval']['escalated']:.1%} of the images escalated (top softmax probability at or below "
+                  f"{result['threshold']:.4f}) and ran the original model too")
+    console.print(f"wrote [bold]{out}[/bold]")
+
+
 def register(app: typer.Typer) -> None:
     app.command(context_settings={"allow_extra_args": False})(train)
     app.command()(finetune)
     app.command()(calibrate)
+    app.command()(cascade)

@@ -31,7 +31,20 @@ def summary_rows(entry: dict) -> list[tuple[str, str, str]]:
          f"{f['p5_gflops']:.4f} / {f['p50_gflops']:.4f} / {f['p95_gflops']:.4f}"),
         ("gate overhead (all gates / measured)", "-", f"{_pct(f['gate_overhead'])} / {_pct(f['gate_mean_fraction'])}"),
         ("latency dense / dynamic (speedup)", "-", _latency(entry["latency"])),
+        *_cascade_rows(entry.get("cascade")),
     ]
+
+
+def _cascade_rows(cascade: dict | None) -> list[tuple[str, str, str]]:
+    """A cascade's figures with its escalations to the teacher (the rows above are its gated network's alone)."""
+    if cascade is None:
+        return []
+    return [("with escalation to the teacher: budget / escalated", "-",
+             f"{cascade['budget']:.2f} / {_pct(cascade['escalated'])}"),
+            ("with escalation: top-1 / top-5 %", "-",
+             f"{cascade['accuracy']['top1']:.2f} / {cascade['accuracy']['top5']:.2f}"),
+            ("with escalation: FLOPs mean, p5 / p50 / p95", "-",
+             f"{cascade['mean_fraction']:.3f}, {cascade['p5']:.3f} / {cascade['p50']:.3f} / {cascade['p95']:.3f}")]
 
 
 def adaptivity_text(f: dict) -> str:

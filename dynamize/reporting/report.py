@@ -22,6 +22,7 @@ from ..graph.rewrite import DynamicNet
 from ..io.atomic import check_output_dir, write_json, write_text
 from ..io.runs import GATED, check_run, latest_run, load, load_teacher
 from ..runtime.bench import bench, open_target
+from ..runtime.cascade import CASCADE, confidence
 from ..training.data import DataError, DataSpec, eval_dataset, first_images, loader, num_classes
 from ..training.evaluate import adaptivity, decision_codes
 from ..version import __version__
@@ -105,7 +106,8 @@ def class_names(ds: Dataset, n: int) -> list[str]:
 
 @torch.no_grad()
 def _collect(model: DynamicNet, teacher: nn.Module, data) -> dict[str, torch.Tensor]:
-    """One pass over `data`: labels, top-5 of both models, FLOPs fractions and parts, every gate's decisions."""
+    """One pass over `data`: labels, top-5 and confidence of the gated model, top-5 of the teacher, FLOPs fractions
+    and parts, every gate's decisions."""
     model.eval()
     teacher.eval()
     out: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -114,6 +116,7 @@ def _collect(model: DynamicNet, teacher: nn.Module, data) -> dict[str, torch.Ten
         k = min(5, logits.shape[1])
         out["labels"].append(target)
         out["top5"].append(logits.topk(k, dim=1).indices)
+        out["confidence"].append(confidence(logits))
         out["teacher_top5"].append(teacher(images).topk(k, dim=1).indices)
         out["fractions"].append(flops_per_image(model))
         out["codes"].append(decision_codes(model))
@@ -195,6 +198,20 @@ def _per_class(c: dict[str, torch.Tensor], names: list[str]) -> list[dict]:
     return out
 
 
+def _cascade_entry(settings: dict | None, c: dict[str, torch.Tensor]) -> dict | None:
+    """A cascade run's accuracy and per-image FLOPs with its escalations: the teacher answers, and costs a whole
+    fraction more, for every image at or below the threshold (None for runs without escalation)."""
+    if settings is None:
+        return None
+    escalated = c["confidence"] <= settings["threshold"]
+    fractions = c["fractions"] + escalated.float()
+    return {"threshold": settings["threshold"], "budget": settings["budget"],
+            "escalated": escalated.float().mean().item(),
+            "accuracy": _accuracy(torch.where(escalated[:, None], c["teacher_top5"], c["top5"]), c["labels"]),
+            "mean_fraction": fractions.mean().item(),
+            **{f"p{p}": fractions.quantile(p / 100).item() for p in (5, 50, 95)}}
+
+
 def _run_header(run: Path, name: str, config: dict, plan: GatePlan) -> dict:
     gates = config["dynamize"].get("gates_trained") or plan.gates  # a layer-only run of a "both" plan is "layer"
     return {"name": name, "path": str(run.resolve()), "architecture": plan.architecture, "gates": gates,
@@ -230,6 +247,7 @@ def evaluate_run(run: Path, name: str | None = None, data: str | None = None, da
              "accuracy": _accuracy(c["top5"], c["labels"]),
              "teacher": {"path": teacher, **_accuracy(c["teacher_top5"], c["labels"])},
              "flops": _flops_summary(model.plan, c["fractions"], c["codes"], c[f"part:{GATES}"]),
+             "cascade": _cascade_entry(config["dynamize"].get(CASCADE), c),
              **_blocks(model.plan, c), "per_class": _per_class(c, names)}
     return RunEvaluation(entry, c["fractions"], c["labels"], c["top5"][:, 0], ds, names)
 

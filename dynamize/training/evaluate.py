@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader
 
 from ..graph.cost import flops_per_image
 from ..graph.rewrite import DynamicNet
+from ..runtime.cascade import Cascade, confidence
 
 # Below this p95 - p5 spread of per-image FLOPs fractions, a model's decisions are called nearly static: it is
 # pruned, not adaptive.
@@ -28,21 +29,27 @@ def decision_codes(model: DynamicNet) -> torch.Tensor:
 
 @torch.no_grad()
 def predict(model: nn.Module, data: DataLoader) -> dict[str, torch.Tensor]:
-    """Labels, top-5 predictions and, for gated models, per-image FLOPs fractions and decision codes, in data
-    order."""
+    """Labels, top-5 predictions, top softmax probabilities ("confidence") and, for gated models and cascades,
+    per-image FLOPs fractions and decision codes (of the gated network), in data order; for cascades also which
+    images escalated."""
     was_training = model.training
     model.eval()
-    out: dict[str, list[torch.Tensor]] = {"labels": [], "top5": [], "fractions": [], "codes": []}
-    net = model if isinstance(model, DynamicNet) else None
+    out: dict[str, list[torch.Tensor]] = {"labels": [], "top5": [], "confidence": [], "fractions": [], "codes": [],
+                                          "escalated": []}
+    net = model.gated if isinstance(model, Cascade) else model if isinstance(model, DynamicNet) else None
     active = net is not None and any(gate.is_active for _, _, gate in net.gates())
     for images, target in data:
         logits = model(images)
         out["labels"].append(target)
         out["top5"].append(logits.topk(min(5, logits.shape[1]), dim=1).indices)
-        if net is not None:
+        out["confidence"].append(confidence(logits))
+        if isinstance(model, Cascade) and model.escalated is not None:
+            out["fractions"].append(model.flops_per_image())
+            out["escalated"].append(model.escalated)
+        elif net is not None:
             out["fractions"].append(flops_per_image(net))
-            if active:
-                out["codes"].append(decision_codes(net))
+        if net is not None and active:
+            out["codes"].append(decision_codes(net))
     model.train(was_training)
     return {k: torch.cat(v) for k, v in out.items() if v}
 
@@ -62,13 +69,15 @@ def adaptivity(fractions: torch.Tensor, codes: torch.Tensor | None = None) -> di
 
 def summarize(pred: dict[str, torch.Tensor]) -> dict:
     """Top-1 / top-5 accuracy in percent and, for gated models, the FLOPs fraction's mean, quantiles and
-    adaptivity (see `adaptivity`)."""
+    adaptivity (see `adaptivity`); for cascades the share of images that escalated."""
     hit = pred["top5"] == pred["labels"][:, None]
     out: dict[str, Any] = {"top1": 100 * hit[:, 0].float().mean().item(),
                            "top5": 100 * hit.any(1).float().mean().item(), "n": len(pred["labels"])}
     if "fractions" in pred:
         a = adaptivity(pred["fractions"], pred.get("codes"))
         out.update(flops_mean=a.pop("mean"), flops_p95=a["p95"], adaptivity=a)
+    if "escalated" in pred:
+        out["escalated"] = pred["escalated"].float().mean().item()
     return out
 
 

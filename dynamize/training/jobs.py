@@ -17,15 +17,16 @@ from ..graph.rewrite import DynamicNet
 from ..io.runs import load, load_base, load_teacher, save, save_base
 from ..models import create_base, load_backbone, read_state_dict
 from ..runtime import use_runtime
+from ..runtime.cascade import CASCADE, Cascade, escalation_threshold
 from ..version import __version__
 from .batchnorm import reestimate_batchnorm
 from .calibrate import TOLERANCE, calibrate, mean_fraction
 from .data import loader, num_classes
 from .distill import BudgetDistillationTask, configure_gates, param_groups
-from .evaluate import evaluate
+from .evaluate import evaluate, predict
 from .loop import fit, init_distributed
-from .preflight import check_calibrate, check_finetune, check_train
-from .recipe import Recipe
+from .preflight import check_calibrate, check_cascade, check_finetune, check_train
+from .recipe import Recipe, RecipeError
 
 # Beyond this share of the FLOPs the gates learned to spend, calibration does the cutting the gates did not learn.
 # Measured (docs/benchmarks.md), cut share and outcome: ResNet-18 at 0.3 from 0.43 (30%) kept its accuracy; at 0.05
@@ -190,8 +191,36 @@ def recalibrate(run: Path, budget: float, out: Path, data: str | None = None,
     if console is not None:
         console.print(_settled(cal))
     result = {"calibration": cal, "eval": evaluate(model, loader(test, 256))}
-    carried = {k: v for k, v in checked.info.items() if k not in ("version", "plan")}
+    carried = {k: v for k, v in checked.info.items() if k not in ("version", "plan", CASCADE)}
     save(model, out, {**carried, "budget": budget, "recipe": recipe.to_dict(), "parent": str(Path(run).resolve()),
                       "splits": splits.sizes(), "calibration": cal, "eval": result["eval"],
                       "provenance": provenance()})
+    return result
+
+
+def cascade(run: Path, budget: float, out: Path, data: str | None = None, data_dir: str | None = None) -> dict:
+    """Give a fine-tuned run an escalation exit to its original model (see `dynamize.runtime.cascade`), with the
+    threshold that meets `budget` on the calibration split; writes a new run that `load_cascade` rebuilds.
+
+    Returns the threshold and the evaluation-split metrics of the cascade, of the gated network alone and of the
+    original model.
+
+    Raises:
+        RunError / RecipeError / DataError / OutputError: as `check_cascade`; RecipeError also when the gated
+            network alone spends the budget on the calibration split.
+    """
+    checked, _, splits = check_cascade(run, budget, out, data, data_dir)
+    _, calib, test = splits
+    model = Cascade(use_runtime(load(run)), load_teacher(run), float("-inf"))
+    alone = predict(model, loader(calib, 256))
+    model.threshold = escalation_threshold(alone["confidence"], alone["fractions"], budget)
+    if model.threshold == float("-inf"):
+        raise RecipeError(f"{run} alone costs {alone['fractions'].mean().item():.3f} of the FLOPs on the calibration "
+                          f"split, which leaves no room in budget {budget} to escalate even one image")
+    result = {"threshold": model.threshold, "eval": evaluate(model, loader(test, 256)),
+              "gated_eval": evaluate(model.gated, loader(test, 256)),
+              "teacher_eval": evaluate(model.original, loader(test, 256))}
+    carried = {k: v for k, v in checked.info.items() if k not in ("version", "plan")}
+    save(model.gated, out, {**carried, CASCADE: {"threshold": model.threshold, "budget": budget,
+                                                 "eval": result["eval"], "provenance": provenance()}})
     return result

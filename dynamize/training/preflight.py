@@ -167,3 +167,24 @@ def check_calibrate(run: str | Path, budget: float, out: str | Path, data: str |
         raise RunError(f"{recipe.data} has {classes} classes but {checked.path} has a {checked.num_classes}-class "
                        "classifier; pass the data set the run was trained on with --data")
     return checked, recipe, data_splits
+
+
+def check_cascade(run: str | Path, budget: float, out: str | Path, data: str | None = None,
+                  data_dir: str | None = None) -> tuple[Run, Recipe, Splits]:
+    """Everything `cascade` needs, checked before any output exists: what `calibrate` needs, the original model, and
+    a budget above the run's own FLOPs fraction (what is left over pays for escalations).
+
+    Raises:
+        RunError: as `check_calibrate`, or the teacher run is gone or damaged.
+        RecipeError: the budget leaves nothing for escalation.
+    """
+    checked = check_run(run, GATED)
+    if not checked.teacher.is_dir():
+        raise RunError(f"the teacher run {checked.teacher} recorded in {checked.path} is gone")
+    check_run(checked.teacher)
+    own = (checked.info.get("calibration") or {}).get("fraction", checked.info.get("budget"))
+    if own is not None and budget <= own:
+        raise RecipeError(f"budget {budget} is not above {checked.path}'s own FLOPs fraction ({own:.3f}), and each "
+                          f"escalated image adds the original model's cost to it; choose a budget above {own:.3f}, "
+                          "or a run fine-tuned at a lower budget")
+    return check_calibrate(run, budget, out, data, data_dir)

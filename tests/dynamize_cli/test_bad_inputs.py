@@ -132,6 +132,8 @@ CASES = {
     "resume from a damaged checkpoint": (["finetune", "{conv}", "--budget", "0.5", "--data", "{data}",
                                           "-o", "{bad}/damaged-resume", "--resume"], "damaged"),
     "calibrate a run that was not fine-tuned": (["calibrate", "{conv}", "--budget", "0.5"], "not fine-tuned"),
+    "cascade of a run that was not fine-tuned": (["cascade", "{conv}", "--budget", "0.9"], "not fine-tuned"),
+    "cascade budget not above the run's own": (["cascade", "{ft}", "--budget", "0.3"], "own FLOPs fraction"),
     "resume with another budget": (["finetune", "{conv}", "--budget", "0.5", "--data", "{data}",
                                     "-o", "{bad}/resumable", "--resume"], "budget=0.6, not 0.5"),
     "resume with another override": (["finetune", "{conv}", "--budget", "0.6", "--data", "{data}",

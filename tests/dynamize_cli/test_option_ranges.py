@@ -55,6 +55,7 @@ def base(tiny_runs, tmp_path_factory):
         "report": ["report", str(root / "ft"), "--data", str(data), "--limit", "4", "--batch-size", "4"],
         "finetune": ["finetune", str(root / "conv"), "--budget", "0.6", "--data", str(data), *sets],
         "calibrate": ["calibrate", str(root / "ft"), "--budget", "0.6"],
+        "cascade": ["cascade", str(root / "ft"), "--budget", "1.0"],
         "demo": ["demo", "--budget", "0.5"],
         "train": ["train", "test_resnet", "--data", str(data), *sets],
     }

@@ -19,6 +19,7 @@ COMMANDS = {
     "inspect": ("conv", ["inspect", "{run}"]),
     "finetune": ("conv", ["finetune", "{run}", "--budget", "0.6", "--data", "{data}", "-o", "{out}"]),
     "calibrate": ("ft", ["calibrate", "{run}", "--budget", "0.6", "-o", "{out}"]),
+    "cascade": ("ft", ["cascade", "{run}", "--budget", "1.0", "-o", "{out}"]),
     "report": ("ft", ["report", "{run}", "--data", "{data}", "-o", "{out}"]),
     "report --static": ("ft", ["report", "{run}", "--static", "-o", "{out}"]),
     "bench": ("ft", ["bench", "{run}", "-b", "1", "--repeats", "1", "--warmup", "0", "--json", "{out}"]),

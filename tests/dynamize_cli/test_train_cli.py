@@ -1,7 +1,12 @@
-"""`dynamize train` -> `convert DIR` -> `finetune` -> `calibrate` through the CLI on a tiny folder data set."""
+"""`dynamize train` -> `convert DIR` -> `finetune` -> `calibrate` / `cascade` through the CLI on tiny folder data."""
 import json
 import shutil
 
+import pytest
+import torch
+
+from dynamize import load
+from dynamize.runtime.cascade import load_cascade
 from dynamize_cli.main import run
 
 
@@ -43,3 +48,23 @@ def test_train_takes_overrides_with_set_and_trailing(tiny_runs, tmp_path):
                 "batch_size=16", "img_size=32", "in_chans=3", "calib_size=6", "workers=0"]) == 0
     recipe = json.loads((out / "config.json").read_text())["dynamize"]["recipe"]
     assert (recipe["epochs"], recipe["batch_size"], recipe["img_size"]) == (2, 16, 32)
+
+
+def test_cascade_spends_the_budget_on_escalations_and_is_rebuilt(tiny_runs, capsys):
+    root, _ = tiny_runs
+    own = json.loads((root / "ft" / "config.json").read_text())["dynamize"]["calibration"]["fraction"]
+    assert run(["cascade", str(root / "ft"), "--budget", "1.0", "-o", str(root / "casc")]) == 0
+    settings = json.loads((root / "casc" / "config.json").read_text())["dynamize"]["cascade"]
+    escalated = settings["eval"]["escalated"]
+    assert settings["budget"] == 1.0 and 0 < escalated < 1
+    assert settings["eval"]["flops_mean"] > own
+    assert f"{escalated:.1%} of the images escalated" in capsys.readouterr().out
+    cascade = load_cascade(root / "casc")
+    assert cascade.threshold == settings["threshold"]
+    images = torch.rand(4, 3, 32, 32)
+    torch.testing.assert_close(cascade.gated(images), load(root / "ft")(images))
+    assert run(["report", str(root / "casc"), "-o", str(root / "casc-report")]) == 0  # escalation re-done apart
+    reported = json.loads((root / "casc-report" / "report.json").read_text())["runs"][0]["cascade"]
+    assert reported["escalated"] == escalated and reported["accuracy"]["top1"] == settings["eval"]["top1"]
+    assert reported["mean_fraction"] == pytest.approx(settings["eval"]["flops_mean"], abs=1e-6)
+
