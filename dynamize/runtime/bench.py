@@ -22,8 +22,9 @@ from ..graph.gates import WidthGate
 from ..graph.plan import GatePlan
 from ..graph.rewrite import DynamicNet
 from ..io.atomic import write_json
-from ..io.runs import load
+from ..io.runs import load, read_config
 from ..models import check_model_name, create_base
+from .cascade import CASCADE, Cascade, load_cascade
 from .sliced import use_runtime
 
 
@@ -182,14 +183,14 @@ def time_pairs(dense: Callable, dynamic: Callable, inputs: Callable[[int], torch
     return times
 
 
-def bench(net: DynamicNet, dense: nn.Module, name: str, batch_sizes: Sequence[int], img_size: int,
+def bench(net: DynamicNet | Cascade, dense: nn.Module, name: str, batch_sizes: Sequence[int], img_size: int,
           fraction: float | None = None, repeats: int = 10, warmup: int = 2, channels_last: bool = True,
           seed: int = 0, images: torch.Tensor | None = None, images_name: str = "random") -> list[BenchResult]:
     """Time the dense model against the gated model's runtime at each batch size.
 
     Args:
-        net: the gated model (a DynamicNet); its gates are released again afterwards.
-        dense: the original model with the same weights.
+        net: the gated model (a DynamicNet) or a cascade; its gates are released again afterwards.
+        dense: the original model with the same weights (of a cascade: its original model).
         name: the model's name in the results.
         batch_sizes: batch sizes to time.
         img_size: square input size of random images.
@@ -204,7 +205,8 @@ def bench(net: DynamicNet, dense: nn.Module, name: str, batch_sizes: Sequence[in
     """
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     net, dense = net.eval().to(memory_format=fmt), dense.eval().to(memory_format=fmt)
-    runtime = use_runtime(net)
+    gated = net.gated if isinstance(net, Cascade) else net
+    runtime = net if isinstance(net, Cascade) else use_runtime(net)
     p = keep_probability(net.plan, fraction) if fraction is not None else None
     generator = torch.Generator().manual_seed(seed)
     shape = (net.plan.input_size[0], img_size, img_size)
@@ -217,12 +219,12 @@ def bench(net: DynamicNet, dense: nn.Module, name: str, batch_sizes: Sequence[in
                 else:
                     x = images[torch.randint(len(images), (batch,), generator=generator)]
                 if p is not None:
-                    force_random(net, p, batch, generator)
+                    force_random(gated, p, batch, generator)
                 return x.contiguous(memory_format=fmt)
 
             fractions: list[float] = []
             dense_t, dynamic_t = time_pairs(dense, runtime, inputs, repeats, warmup,
-                                            after=lambda: fractions.append(flops_per_image(net).mean().item()))
+                                            after=lambda: fractions.append(_fractions(net).mean().item()))
             ratios = [d / s for d, s in zip(dense_t, dynamic_t)]
             results.append(BenchResult(
                 name, batch, statistics.fmean(fractions), statistics.median(dense_t), statistics.median(dynamic_t),
@@ -231,13 +233,19 @@ def bench(net: DynamicNet, dense: nn.Module, name: str, batch_sizes: Sequence[in
                 repeats, torch.get_num_threads(), "random" if p is not None else "learned", images_name,
                 list(zip(fractions, dynamic_t))))
     finally:
-        release(net)
+        release(gated)
     return results
 
 
+def _fractions(net: DynamicNet | Cascade) -> torch.Tensor:
+    """Per-image FLOPs fractions of the last pass."""
+    return net.flops_per_image() if isinstance(net, Cascade) else flops_per_image(net)
+
+
 def open_target(target: str, fraction: float | None, img_size: int | None, profitable_only: bool = False,
-                channel_mode: str = "channel") -> tuple[DynamicNet, nn.Module, int]:
-    """The gated model, its dense twin (same weights, no gates) and the input size to time them at.
+                channel_mode: str = "channel") -> tuple[DynamicNet | Cascade, nn.Module, int]:
+    """The gated model, its dense twin (same weights, no gates) and the input size to time them at; of a cascade
+    run, the cascade and its original model.
 
     Args:
         target: a run directory (learned decisions) or a timm model name (random weights; needs `fraction`).
@@ -253,6 +261,9 @@ def open_target(target: str, fraction: float | None, img_size: int | None, profi
     if fraction is not None:
         check_fraction(fraction)
     path = Path(target)
+    if path.is_dir() and CASCADE in read_config(path)["dynamize"]:
+        cascade = load_cascade(path)
+        return cascade, cascade.original, img_size or cascade.plan.input_size[-1]
     if path.is_dir():
         net = load(path)
     elif path.exists():

@@ -63,6 +63,11 @@ class Cascade(nn.Module):
         self.gated, self.original, self.threshold = gated, original, threshold
         self.escalated: torch.Tensor | None = None
 
+    @property
+    def plan(self):
+        """The gated network's plan (input size, gates): what a cascade is timed and counted against."""
+        return self.gated.plan
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         logits = self.gated(images)
         self.escalated = confidence(logits) <= self.threshold

@@ -67,4 +67,5 @@ def test_cascade_spends_the_budget_on_escalations_and_is_rebuilt(tiny_runs, caps
     reported = json.loads((root / "casc-report" / "report.json").read_text())["runs"][0]["cascade"]
     assert reported["escalated"] == escalated and reported["accuracy"]["top1"] == settings["eval"]["top1"]
     assert reported["mean_fraction"] == pytest.approx(settings["eval"]["flops_mean"], abs=1e-6)
+    assert run(["bench", str(root / "casc"), "-b", "1", "--repeats", "1", "--warmup", "0"]) == 0
 

@@ -5,7 +5,8 @@ import torch
 from helpers import randomize, randomize_gates
 
 import dynamize
-from dynamize.graph.cost import flops_per_image
+from dynamize.graph.cost import flops_per_image, min_fraction
+from dynamize.runtime.bench import bench
 from dynamize.runtime.cascade import Cascade, confidence, escalation_threshold
 from dynamize.training.evaluate import predict, summarize
 
@@ -54,3 +55,13 @@ def test_a_cascade_is_evaluated_with_its_escalations():
     assert result["escalated"] == pytest.approx(0.25)
     assert result["flops_mean"] == pytest.approx(alone["fractions"].mean().item() + 0.25, abs=1e-6)
     assert result["adaptivity"]["p95"] > 1 > result["adaptivity"]["p5"]
+
+
+@pytest.mark.parametrize("threshold", [float("-inf"), float("inf")])
+def test_a_cascade_is_timed_with_what_its_images_cost(threshold):
+    model = _cascade()
+    model.threshold = threshold  # no image escalates, or every image does
+    (result,) = bench(model, model.original, "cascade", [2], 32, repeats=2, warmup=0)
+    most = 1 + model.plan.gate_flops / model.plan.total_flops  # every gate open
+    assert min_fraction(model.plan) <= result.fraction - (threshold > 0) <= most
+    assert (result.fraction > 1) == (threshold > 0)
