@@ -15,6 +15,7 @@ from .graph.rewrite import DynamicNet
 from .io import load as _load
 from .io import save
 from .runtime import use_runtime
+from .runtime.cascade import Cascade, load_cascade
 from .version import __version__
 
 
@@ -32,5 +33,5 @@ def load(path: str | Path) -> DynamicNet:
     return use_runtime(_load(path))
 
 
-__all__ = ["convert", "plan_model", "save", "load", "flops_fraction", "use_runtime", "GatePlan", "DynamizeError",
-           "__version__"]
+__all__ = ["convert", "plan_model", "save", "load", "load_cascade", "Cascade", "flops_fraction", "use_runtime",
+           "GatePlan", "DynamizeError", "__version__"]

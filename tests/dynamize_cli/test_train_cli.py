@@ -5,8 +5,7 @@ import shutil
 import pytest
 import torch
 
-from dynamize import load
-from dynamize.runtime.cascade import load_cascade
+from dynamize import load, load_cascade
 from dynamize_cli.main import run
 
 
