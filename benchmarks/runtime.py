@@ -12,6 +12,8 @@ the Fashion-MNIST sweep) are timed with their learned decisions on test images o
 
 `--against-pruned` also times each learned run against the static model of the same mean FLOPs: its dense twin
 pruned by Torch-Pruning to the run's budget (`static_baseline.prune_to`; the pruned weights do not matter for timing).
+A cascade run (`dynamize cascade`) is timed as a cascade, against its original model and, with `--against-pruned`,
+against the original pruned to the cascade's budget.
 
 `--compare-modes` times the C-Nets' two channel modes side by side instead (`dynamize convert --channel-mode`):
 per-channel decisions (gathered weights) against width mode (prefix slices), each against its own dense passes, over
@@ -179,7 +181,8 @@ def main() -> None:
         if args.against_pruned:
             from static_baseline import prune_to  # Torch-Pruning: the benchmark-only extra, needed for this only
 
-            budget = read_config(run)["dynamize"].get("budget")
+            info = read_config(run)["dynamize"]
+            budget = (info.get("cascade") or {}).get("budget", info.get("budget"))  # a cascade's, with escalations
             if budget is None:
                 raise SystemExit(f"error: {run} has no budget (not a fine-tuned run); --against-pruned needs one")
             static, got = prune_to(dense, budget, net.plan.input_size)

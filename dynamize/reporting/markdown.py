@@ -86,12 +86,25 @@ def static_block_rows(entry: dict) -> list[tuple[str, ...]]:
     return rows
 
 
+def _deployed(e: dict) -> tuple[str, str, dict, dict]:
+    """Name, budget, accuracy and FLOPs (mean_fraction, p50, p95) of what a run deploys: a cascade with its
+    escalations, any other run as it is."""
+    c = e.get("cascade")
+    if c is None:
+        return e["name"], _budget(e), e["accuracy"], e["flops"]
+    return f"{e['name']} (with escalation)", f"{c['budget']:.2f}", c["accuracy"], c
+
+
 def comparison_rows(entries: Sequence[dict]) -> list[tuple[str, ...]]:
-    """One row per run, sorted by mean FLOPs fraction."""
-    return [(e["name"], _budget(e), f"{e['accuracy']['top1']:.2f}", f"{e['accuracy']['top5']:.2f}",
-             f"{e['teacher']['top1']:.2f}", f"{e['flops']['mean_fraction']:.3f}", f"{e['flops']['p50']:.3f}",
-             f"{e['flops']['p95']:.3f}", f"{e['flops']['mean_gflops']:.4f}")
-            for e in sorted(entries, key=lambda e: e["flops"]["mean_fraction"])]
+    """One row per run as deployed (a cascade with its escalations), sorted by mean FLOPs fraction."""
+    rows = []
+    for e in entries:
+        name, budget, acc, f = _deployed(e)
+        rows.append((f["mean_fraction"], (name, budget, f"{acc['top1']:.2f}", f"{acc['top5']:.2f}",
+                                          f"{e['teacher']['top1']:.2f}", f"{f['mean_fraction']:.3f}",
+                                          f"{f['p50']:.3f}", f"{f['p95']:.3f}",
+                                          f"{f['mean_fraction'] * e['flops']['original_gflops']:.4f}")))
+    return [row for _, row in sorted(rows, key=lambda r: r[0])]
 
 
 def static_rows(entry: dict) -> list[tuple[str, str]]:

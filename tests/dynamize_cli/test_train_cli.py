@@ -62,9 +62,13 @@ def test_cascade_spends_the_budget_on_escalations_and_is_rebuilt(tiny_runs, caps
     assert cascade.threshold == settings["threshold"]
     images = torch.rand(4, 3, 32, 32)
     torch.testing.assert_close(cascade.gated(images), load(root / "ft")(images))
-    assert run(["report", str(root / "casc"), "-o", str(root / "casc-report")]) == 0  # escalation re-done apart
-    reported = json.loads((root / "casc-report" / "report.json").read_text())["runs"][0]["cascade"]
+    assert run(["report", str(root / "casc"), str(root / "ft"), "-o", str(root / "casc-report")]) == 0
+    report = json.loads((root / "casc-report" / "report.json").read_text())["runs"]
+    reported = report[0]["cascade"]  # the escalations re-done apart, from the report's own pass
     assert reported["escalated"] == escalated and reported["accuracy"]["top1"] == settings["eval"]["top1"]
     assert reported["mean_fraction"] == pytest.approx(settings["eval"]["flops_mean"], abs=1e-6)
+    assert report[1]["cascade"] is None
+    compared = (root / "casc-report" / "report.md").read_text().split("## Comparison")[1]
+    assert f"| casc (with escalation) | 1.00 | {reported['accuracy']['top1']:.2f} |" in compared
     assert run(["bench", str(root / "casc"), "-b", "1", "--repeats", "1", "--warmup", "0"]) == 0
 
