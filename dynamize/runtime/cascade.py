@@ -15,6 +15,7 @@ from torch import nn
 
 from ..errors import RunError
 from ..graph.cost import flops_per_image
+from ..graph.plan import GatePlan
 from ..graph.rewrite import DynamicNet
 from ..io.runs import GATED, check_run, load, load_teacher
 from .sliced import use_runtime
@@ -64,7 +65,7 @@ class Cascade(nn.Module):
         self.escalated: torch.Tensor | None = None
 
     @property
-    def plan(self):
+    def plan(self) -> GatePlan:
         """The gated network's plan (input size, gates): what a cascade is timed and counted against."""
         return self.gated.plan
 
