@@ -31,7 +31,7 @@ from static_baseline import prune_to
 from torch import nn
 
 from dynamize.io.runs import load, load_base, read_config
-from dynamize.runtime.cascade import escalation_threshold
+from dynamize.runtime.cascade import escalates, escalation_threshold
 from dynamize.training.data import DataSpec, datasets, loader
 from dynamize.training.evaluate import predict
 
@@ -47,7 +47,7 @@ def outputs(model: nn.Module, data, fraction: float = 1.0) -> dict[str, torch.Te
 
 def cascade(small: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], threshold: float) -> dict:
     """Accuracy and per-image cost of the cascade at a threshold."""
-    escalate = small["confidence"] <= threshold
+    escalate = escalates(small["confidence"], threshold)
     cost = small["flops"] + escalate.float()
     correct = torch.where(escalate, teacher["correct"], small["correct"])
     q = {f"p{p}": cost.quantile(p / 100).item() for p in (5, 50, 95)}

@@ -35,6 +35,7 @@ from rich.table import Table
 import dynamize
 from dynamize.io.runs import read_config
 from dynamize.runtime.bench import BenchResult, bench, open_target
+from dynamize.runtime.cascade import CASCADE
 from dynamize_cli.bench import IMAGES_PER_BATCH, sample_images, timing_cells
 
 
@@ -182,7 +183,7 @@ def main() -> None:
             from static_baseline import prune_to  # Torch-Pruning: the benchmark-only extra, needed for this only
 
             info = read_config(run)["dynamize"]
-            budget = (info.get("cascade") or {}).get("budget", info.get("budget"))  # a cascade's, with escalations
+            budget = (info.get(CASCADE) or {}).get("budget", info.get("budget"))  # a cascade's, with escalations
             if budget is None:
                 raise SystemExit(f"error: {run} has no budget (not a fine-tuned run); --against-pruned needs one")
             static, got = prune_to(dense, budget, net.plan.input_size)

@@ -22,7 +22,7 @@ from ..graph.rewrite import DynamicNet
 from ..io.atomic import check_output_dir, write_json, write_text
 from ..io.runs import GATED, check_run, latest_run, load, load_teacher
 from ..runtime.bench import bench, open_target
-from ..runtime.cascade import CASCADE, confidence
+from ..runtime.cascade import CASCADE, confidence, escalates
 from ..training.data import DataError, DataSpec, eval_dataset, first_images, loader, num_classes
 from ..training.evaluate import adaptivity, decision_codes
 from ..version import __version__
@@ -203,7 +203,7 @@ def _cascade_entry(settings: dict | None, c: dict[str, torch.Tensor]) -> dict | 
     fraction more, for every image at or below the threshold (None for runs without escalation)."""
     if settings is None:
         return None
-    escalated = c["confidence"] <= settings["threshold"]
+    escalated = escalates(c["confidence"], settings["threshold"])
     fractions = c["fractions"] + escalated.float()
     return {"threshold": settings["threshold"], "budget": settings["budget"],
             "escalated": escalated.float().mean().item(),

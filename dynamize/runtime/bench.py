@@ -17,14 +17,14 @@ from torch import nn
 
 from ..errors import DynamizeError, OutputError, RunError
 from ..graph.convert import convert
-from ..graph.cost import expected_fraction, flops_per_image, min_fraction
+from ..graph.cost import expected_fraction, min_fraction
 from ..graph.gates import WidthGate
 from ..graph.plan import GatePlan
 from ..graph.rewrite import DynamicNet
 from ..io.atomic import write_json
 from ..io.runs import load, read_config
 from ..models import check_model_name, create_base
-from .cascade import CASCADE, Cascade, load_cascade
+from .cascade import CASCADE, Cascade, last_fractions, load_cascade
 from .sliced import use_runtime
 
 
@@ -224,7 +224,7 @@ def bench(net: DynamicNet | Cascade, dense: nn.Module, name: str, batch_sizes: S
 
             fractions: list[float] = []
             dense_t, dynamic_t = time_pairs(dense, runtime, inputs, repeats, warmup,
-                                            after=lambda: fractions.append(_fractions(net).mean().item()))
+                                            after=lambda: fractions.append(last_fractions(net).mean().item()))
             ratios = [d / s for d, s in zip(dense_t, dynamic_t)]
             results.append(BenchResult(
                 name, batch, statistics.fmean(fractions), statistics.median(dense_t), statistics.median(dynamic_t),
@@ -235,11 +235,6 @@ def bench(net: DynamicNet | Cascade, dense: nn.Module, name: str, batch_sizes: S
     finally:
         release(gated)
     return results
-
-
-def _fractions(net: DynamicNet | Cascade) -> torch.Tensor:
-    """Per-image FLOPs fractions of the last pass."""
-    return net.flops_per_image() if isinstance(net, Cascade) else flops_per_image(net)
 
 
 def open_target(target: str, fraction: float | None, img_size: int | None, profitable_only: bool = False,

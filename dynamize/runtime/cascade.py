@@ -31,6 +31,11 @@ def confidence(logits: torch.Tensor) -> torch.Tensor:
     return logits.softmax(1).amax(1)
 
 
+def escalates(confidences: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Which images escalate, [batch] bool: those whose `confidence` is at or below the threshold."""
+    return confidences <= threshold
+
+
 def escalation_threshold(confidences: torch.Tensor, fractions: torch.Tensor, budget: float) -> float:
     """The confidence at or below which images escalate so that the mean cost on these images meets `budget`.
 
@@ -62,7 +67,7 @@ class Cascade(nn.Module):
     def __init__(self, gated: DynamicNet, original: nn.Module, threshold: float):
         super().__init__()
         self.gated, self.original, self.threshold = gated, original, threshold
-        self.escalated: torch.Tensor | None = None
+        self.escalated = torch.zeros(0, dtype=torch.bool)  # of the last pass, [batch]
 
     @property
     def plan(self) -> GatePlan:
@@ -71,7 +76,7 @@ class Cascade(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         logits = self.gated(images)
-        self.escalated = confidence(logits) <= self.threshold
+        self.escalated = escalates(confidence(logits), self.threshold)
         if self.escalated.any():
             logits = logits.index_put((self.escalated.nonzero()[:, 0],),
                                       self.original(images[self.escalated]).to(logits.dtype))
@@ -79,9 +84,12 @@ class Cascade(nn.Module):
 
     def flops_per_image(self) -> torch.Tensor:
         """Per-image FLOPs fraction of the last pass: the gated network's, plus 1.0 for each escalated image."""
-        if self.escalated is None:
-            raise RuntimeError("no forward pass yet")
         return flops_per_image(self.gated) + self.escalated.to(torch.float32)
+
+
+def last_fractions(model: DynamicNet | Cascade) -> torch.Tensor:
+    """Per-image FLOPs fractions of the last pass of a gated model or a cascade."""
+    return model.flops_per_image() if isinstance(model, Cascade) else flops_per_image(model)
 
 
 def load_cascade(path: str | Path) -> Cascade:

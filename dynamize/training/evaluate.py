@@ -6,9 +6,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..graph.cost import flops_per_image
 from ..graph.rewrite import DynamicNet
-from ..runtime.cascade import Cascade, confidence
+from ..runtime.cascade import Cascade, confidence, last_fractions
 
 # Below this p95 - p5 spread of per-image FLOPs fractions, a model's decisions are called nearly static: it is
 # pruned, not adaptive.
@@ -36,6 +35,7 @@ def predict(model: nn.Module, data: DataLoader) -> dict[str, torch.Tensor]:
     model.eval()
     out: dict[str, list[torch.Tensor]] = {"labels": [], "top5": [], "confidence": [], "fractions": [], "codes": [],
                                           "escalated": []}
+    costed = model if isinstance(model, (DynamicNet, Cascade)) else None  # has per-image FLOPs
     net = model.gated if isinstance(model, Cascade) else model if isinstance(model, DynamicNet) else None
     active = net is not None and any(gate.is_active for _, _, gate in net.gates())
     for images, target in data:
@@ -43,11 +43,10 @@ def predict(model: nn.Module, data: DataLoader) -> dict[str, torch.Tensor]:
         out["labels"].append(target)
         out["top5"].append(logits.topk(min(5, logits.shape[1]), dim=1).indices)
         out["confidence"].append(confidence(logits))
-        if isinstance(model, Cascade) and model.escalated is not None:
-            out["fractions"].append(model.flops_per_image())
+        if costed is not None:
+            out["fractions"].append(last_fractions(costed))
+        if isinstance(model, Cascade):
             out["escalated"].append(model.escalated)
-        elif net is not None:
-            out["fractions"].append(flops_per_image(net))
         if net is not None and active:
             out["codes"].append(decision_codes(net))
     model.train(was_training)

@@ -64,6 +64,17 @@ def check_reachable(plan: GatePlan, budget: float, kinds: str) -> None:
                           f"choose a budget of at least {floor:.3f}")
 
 
+def check_teacher(run: Run) -> Run:
+    """The run holding `run`'s original model (the run itself for a converted run), checked in full.
+
+    Raises:
+        RunError: the recorded teacher run is gone or damaged.
+    """
+    if not run.teacher.is_dir():
+        raise RunError(f"the teacher run {run.teacher} recorded in {run.path} is gone")
+    return run if run.teacher == run.path else check_run(run.teacher)
+
+
 def _retrain_hint(run: Run, data: str) -> str:
     return (f"train a classifier for the data first: `dynamize train {run.architecture} --checkpoint {run.path} "
             f"--data {data}` (it keeps the backbone), then `dynamize convert` the trained run")
@@ -102,9 +113,7 @@ def check_finetune(run: str | Path, recipe: Recipe, out: str | Path, resume: boo
         OutputError: the output is in the way.
     """
     checked = check_run(run, GATED)
-    if not checked.teacher.is_dir():
-        raise RunError(f"the teacher run {checked.teacher} recorded in {checked.path} is gone")
-    teacher = checked if checked.teacher == checked.path else check_run(checked.teacher)
+    teacher = check_teacher(checked)
     if not teacher.info.get("head_trained", True):
         raise RunError(f"the classifier of {teacher.path} was never trained (converted with --no-pretrained and no "
                        "--checkpoint, or with a new --num-classes), and distilling from it would teach random "
@@ -179,9 +188,7 @@ def check_cascade(run: str | Path, budget: float, out: str | Path, data: str | N
         RecipeError: the budget leaves nothing for escalation.
     """
     checked = check_run(run, GATED)
-    if not checked.teacher.is_dir():
-        raise RunError(f"the teacher run {checked.teacher} recorded in {checked.path} is gone")
-    check_run(checked.teacher)
+    check_teacher(checked)
     own = (checked.info.get("calibration") or {}).get("fraction", checked.info.get("budget"))
     if own is not None and budget <= own:
         raise RecipeError(f"budget {budget} is not above {checked.path}'s own FLOPs fraction ({own:.3f}), and each "
