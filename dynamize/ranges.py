@@ -78,6 +78,7 @@ RANGES: dict[str, Range] = {
     "task_weight": Range(float, 0.0, 1000.0),
     "distill_weight": Range(float, 0.0, 1000.0),
     "budget_weight": Range(float, 0.0, 1000.0),
+    "floor_margin": Range(float, 0.0, 1.0),
     "bounds_weight": Range(float, 0.0, 1000.0),
     "shaping_weight": Range(float, 0.0, 1000.0),
     "noise_final": Range(float, 0.0, 10.0),

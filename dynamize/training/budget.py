@@ -7,7 +7,8 @@ Lessons of the peers that fine-tune pretrained networks without collapse, each a
   switched off wholesale before the others have learned what they can drop (DynConv, DGNet);
 - batch shaping (Bejnordi et al.) matches each gate's keep probabilities over a batch to a U-shaped Beta prior, so
   that a gate is on for some images and off for others instead of settling on a constant; its weight decays;
-- the Gumbel noise decays to zero, so the decisions of late training are the deterministic ones of inference.
+- the Gumbel noise decays to zero, so the decisions of late training are the deterministic ones of inference;
+- near the smallest reachable fraction the budget penalty grows, so that the gates still reach the budget there.
 """
 import math
 from collections.abc import Iterable
@@ -23,6 +24,32 @@ from ..graph.rewrite import DynamicNet
 def _cosine_decay(progress: float, span: float) -> float:
     """1 at progress 0, falling along a half cosine to 0 at `span` (a share of training), 0 after."""
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress / span))) if span > 0 else 0.0
+
+
+# The most the budget penalty's weight is scaled up near the floor: a budget on the floor itself would divide by zero.
+_MAX_FLOOR_SCALE = 10.0
+
+
+def floor_scaled_weight(weight: float, budget: float, floor: float, margin: float) -> float:
+    """The budget penalty's weight for a budget that lies `budget - floor` above the smallest reachable fraction.
+
+    Only the FLOPs above the floor are the gates' to spend, and the squared penalty's pull on a miss of a given share
+    of them shrinks with that range. At ResNet-18's 0.05 (0.014 above its floor) the recipe's weight let the gates
+    settle 0.03-0.05 above the budget, so that calibration cut up to half of what they had learned to spend, and four
+    times the weight gained 2.8 pt (docs/benchmarks.md). So within `margin` of the floor the weight grows in inverse
+    proportion to the distance (at most tenfold), which keeps the pull on a relative miss what it is at `margin`;
+    further away the recipe's weight stands.
+
+    Args:
+        weight: the recipe's budget_weight.
+        budget: the FLOPs fraction the run is trained to.
+        floor: the smallest fraction the trained gates can reach (`graph.cost.min_fraction`).
+        margin: the distance below which the weight grows; 0 keeps the recipe's weight everywhere.
+    """
+    distance = budget - floor
+    if margin <= 0 or distance >= margin:
+        return weight
+    return weight * min(_MAX_FLOOR_SCALE, margin / max(distance, margin / _MAX_FLOOR_SCALE))
 
 
 @dataclass

@@ -14,10 +14,10 @@ from timm.task import LogitDistillationTask
 from timm.utils import unwrap_model
 from torch import nn
 
-from ..graph.cost import flops_per_image
+from ..graph.cost import flops_per_image, min_fraction
 from ..graph.rewrite import DynamicNet
 from .batchnorm import freeze_statistics
-from .budget import BudgetSchedule, batch_shaping_loss, block_densities, bounds_loss
+from .budget import BudgetSchedule, batch_shaping_loss, block_densities, bounds_loss, floor_scaled_weight
 from .recipe import Recipe
 
 SHAPING_CONCENTRATION = 0.8  # a + b of the batch-shaping prior: U-shaped, most images clearly on or off
@@ -32,8 +32,9 @@ class BudgetDistillationTask(LogitDistillationTask):
     """Loss = task CE + T^2 KL(teacher || student) + budget terms while the gates learn; CE + KL once they settle.
 
     The budget terms: budget_weight * (mean FLOPs fraction - target)^2 (two-sided: spending less than the budget
-    costs accuracy for nothing) + bounds_weight * per-block bounds + shaping_weight * batch shaping. The task owns
-    its schedule: the training loop calls `on_step(step, total)` before each step.
+    costs accuracy for nothing; the weight grows near the smallest reachable fraction, `floor_scaled_weight`)
+    + bounds_weight * per-block bounds + shaping_weight * batch shaping. The task owns its schedule: the training
+    loop calls `on_step(step, total)` before each step.
 
     Args:
         student: the gated model.
@@ -54,6 +55,9 @@ class BudgetDistillationTask(LogitDistillationTask):
                                           recipe.noise_final)
         self.settled = False
         self.kinds = 1 + (recipe.gates == "both")
+        self.floor = min_fraction(self.student.plan, recipe.gates)
+        self.budget_weight = floor_scaled_weight(recipe.budget_weight, recipe.budget, self.floor,
+                                                 recipe.floor_margin)
 
     @property
     def student(self) -> DynamicNet:
@@ -89,7 +93,7 @@ class BudgetDistillationTask(LogitDistillationTask):
         shaping_weight = 0.0 if r.static_gates else r.shaping_weight * s.shaping  # static: nothing to shape
         shaping = batch_shaping_loss(probs, s.target ** (1 / self.kinds), SHAPING_CONCENTRATION) if shaping_weight \
             else budget.new_zeros(())
-        out["loss"] = (out["loss"] + r.budget_weight * budget + r.bounds_weight * bounds + shaping_weight * shaping)
+        out["loss"] = (out["loss"] + self.budget_weight * budget + r.bounds_weight * bounds + shaping_weight * shaping)
         out.update(budget_loss=budget.detach(), bounds_loss=bounds.detach(), shaping_loss=shaping.detach())
         return out
 

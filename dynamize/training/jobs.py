@@ -115,8 +115,8 @@ def settle(model: DynamicNet, calib: DataLoader, recipe: Recipe, console: Consol
     if console is not None and cut > _MAX_CALIBRATION_CUT:
         console.print(f"[yellow]warning:[/yellow] the gates reached a FLOPs fraction of {before:.3f} in training, "
                       f"above the budget {recipe.budget:.3f}; calibration will cut {cut:.0%} of what they learned to "
-                      f"spend and accuracy may drop: raise budget_weight (now {recipe.budget_weight:g}; 40 helped "
-                      "ResNet-18 at 0.05) or train longer")
+                      f"spend and accuracy may drop: raise budget_weight (now {recipe.budget_weight:g}) or "
+                      f"floor_margin (now {recipe.floor_margin:g}), or train longer")
     reestimate_batchnorm(model, calib, recipe.bn_images)
     tried = 0
 
@@ -164,6 +164,11 @@ def finetune(run: Path, recipe: Recipe, out: Path, resume: bool = False, console
         console.print(f"{_settled(cal)}; now tuning the backbone with frozen gates")
 
     task = BudgetDistillationTask(student, teacher, recipe, settle=settle_gates)
+    if ddp.main and task.budget_weight != recipe.budget_weight:
+        console.print(f"budget {recipe.budget:g} lies {recipe.budget - task.floor:.3f} above the smallest reachable "
+                      f"fraction {task.floor:.3f}: budget penalty weight {task.budget_weight:.3g} (budget_weight "
+                      f"{recipe.budget_weight:g} scaled up within floor_margin {recipe.floor_margin:g})",
+                      highlight=False)
     history = fit(task, student, train, recipe, out, param_groups(student, recipe), resume=resume,
                   evaluate=_on_split("calib", calib_loader), ddp=ddp, console=console)
     if not ddp.main:

@@ -47,6 +47,7 @@ class Recipe:
     task_weight: float = 1.0
     distill_weight: float = 1.0
     budget_weight: float = 10.0
+    floor_margin: float = 0.05  # closer than this to the smallest reachable fraction, budget_weight grows
     bounds_weight: float = 10.0
     shaping_weight: float = 1.0
     temperature: float = 2.0

@@ -4,7 +4,13 @@ import math
 import pytest
 import torch
 
-from dynamize.training.budget import BudgetSchedule, batch_shaping_loss, beta_quantiles, bounds_loss
+from dynamize.training.budget import (
+    BudgetSchedule,
+    batch_shaping_loss,
+    beta_quantiles,
+    bounds_loss,
+    floor_scaled_weight,
+)
 
 
 def test_schedule_starts_open_and_ends_at_the_budget():
@@ -46,3 +52,12 @@ def test_batch_shaping_gradient_spreads_a_gate_over_the_batch():
         optimizer.step()
     p = torch.sigmoid(logits).detach()
     assert p.std().item() > 4 * spread_before and 0.3 < (p > 0.5).float().mean().item() < 0.7
+
+
+def test_budget_weight_grows_only_near_the_floor():
+    assert floor_scaled_weight(10.0, budget=0.30, floor=0.10, margin=0.05) == 10.0
+    assert floor_scaled_weight(10.0, budget=0.15, floor=0.10, margin=0.05) == pytest.approx(10.0)  # at the margin
+    assert floor_scaled_weight(10.0, budget=0.125, floor=0.10, margin=0.05) == pytest.approx(20.0)
+    assert floor_scaled_weight(10.0, budget=0.11, floor=0.10, margin=0.05) == pytest.approx(50.0)
+    assert floor_scaled_weight(10.0, budget=0.10, floor=0.10, margin=0.05) == pytest.approx(100.0)  # capped
+    assert floor_scaled_weight(10.0, budget=0.11, floor=0.10, margin=0.0) == 10.0  # turned off

@@ -6,6 +6,7 @@ from helpers import make_image_folder, randomize
 from torch import nn
 
 import dynamize
+from dynamize.graph.cost import min_fraction
 from dynamize.training.calibrate import mean_fraction
 from dynamize.training.data import DataSpec, datasets, loader
 from dynamize.training.distill import BudgetDistillationTask, configure_gates, param_groups
@@ -75,3 +76,23 @@ def test_static_gates_give_every_image_the_same_decisions(tmp_path):
     assert (decisions == decisions[:1]).all()
     assert decisions.float().mean() < 1.0  # it learned to drop something
     assert all((g.mlp[0].weight == 0).all() for _, _, g in loaded.gates())
+
+
+def test_budget_penalty_grows_near_the_smallest_reachable_fraction(tmp_path):
+    recipe, train, _, student, teacher = _setup(tmp_path)
+    floor = min_fraction(student.plan, "both")
+    near = load_recipe(None, **{**recipe.to_dict(), "budget": round(floor + 0.01, 3)})
+    plain = load_recipe(None, **{**near.to_dict(), "floor_margin": 0.0})
+    images, labels = next(iter(loader(train, 8)))
+    losses = {}
+    for name, r in (("near", near), ("plain", plain)):
+        task = BudgetDistillationTask(student, teacher, r)
+        torch.manual_seed(0)  # the same gate noise for both
+        losses[name] = task(images, labels)
+    assert losses["plain"]["budget_loss"] == losses["near"]["budget_loss"] > 0
+    weight = BudgetDistillationTask(student, teacher, near).budget_weight
+    assert weight > 1.5 * recipe.budget_weight
+    extra = (weight - recipe.budget_weight) * losses["near"]["budget_loss"]
+    assert (losses["near"]["loss"] - losses["plain"]["loss"]).item() == pytest.approx(extra.item(), rel=1e-4)
+    far = BudgetDistillationTask(student, teacher, recipe)  # budget 0.5: the recipe's weight
+    assert far.budget_weight == recipe.budget_weight
