@@ -42,7 +42,8 @@ def row_of(run: Path, gates: str, budget: float, seconds: float) -> dict:
             "patterns": a["patterns"], "entropy_bits": a["pattern_entropy_bits"],
             "trained_fraction": d["calibration"].get("trained_fraction"), "seconds": seconds,
             "recipe": {k: d["recipe"].get(k) for k in ("epochs", "train_subset", "lr_backbone", "lr_gates",
-                                                       "settle_fraction", "static_gates", "seed")},
+                                                       "settle_fraction", "static_gates", "seed",
+                                                       "budget_weight", "floor_margin")},
             **facts()}
 
 
