@@ -37,7 +37,7 @@ from .recipe import Recipe, RecipeError
 _MAX_CALIBRATION_CUT = 2 / 3
 
 
-def calibration_cut(trained: float, budget: float, floor: float = 0.0) -> float:
+def calibration_cut(trained: float, budget: float, floor: float) -> float:
     """The share of the FLOPs the gates reached in training above the smallest reachable fraction (what they control)
     that calibration must cut to meet the budget (0 if none)."""
     return max(0.0, (trained - budget) / (trained - floor)) if trained > floor else 0.0
@@ -114,7 +114,7 @@ def settle(model: DynamicNet, calib: DataLoader, recipe: Recipe, console: Consol
     """
     started = time.perf_counter()
     before = mean_fraction(model, calib)
-    floor = min_fraction(model.plan, recipe.gates) if console is not None else 0.0
+    floor = min_fraction(model.plan, recipe.gates) if console is not None else 0.0  # only the warning needs it
     cut = calibration_cut(before, recipe.budget, floor)
     if console is not None and cut > _MAX_CALIBRATION_CUT:
         console.print(f"[yellow]warning:[/yellow] the gates reached a FLOPs fraction of {before:.3f} in training, "
