@@ -36,7 +36,9 @@ def row_of(run: Path, gates: str, budget: float, seconds: float) -> dict:
     """One result line from a finished run's config.json."""
     d = read_config(run)["dynamize"]
     e, a = d["eval"], d["eval"]["adaptivity"]
-    return {"run": str(run), "gates": NAMES[gates], "budget": budget, "top1": e["top1"],
+    residual_outputs = any(g.get("exits") for g in d["plan"]["groups"])
+    return {"run": str(run), "gates": NAMES[gates], "budget": budget, "residual_outputs": residual_outputs,
+            "top1": e["top1"],
             "teacher_top1": d["teacher_eval"]["top1"], "drop": d["teacher_eval"]["top1"] - e["top1"],
             "flops_mean": e["flops_mean"], "p5": a["p5"], "p50": a["p50"], "p95": a["p95"], "spread": a["spread"],
             "patterns": a["patterns"], "entropy_bits": a["pattern_entropy_bits"],
@@ -68,13 +70,15 @@ def main() -> None:
     ap.add_argument("--root", type=Path, required=True)
     ap.add_argument("--channel-mode", default="channel", choices=("channel", "width"),
                     help="C-Net mode of the conversion (a root holds one conversion: use one root per mode)")
+    ap.add_argument("--residual-outputs", action="store_true",
+                    help="also gate the layers that end residual branches (`dynamize convert --residual-outputs`)")
     ap.add_argument("--json", type=Path, default=None, help="append one JSON line per finished run")
     ap.add_argument("overrides", nargs="*", help="recipe overrides key=value")
     args = ap.parse_args()
     console = Console(width=160)
     conv = args.root / "converted"
     if not (conv / CONFIG).is_file():
-        convert_to_run(str(args.teacher), conv, channel_mode=args.channel_mode)
+        convert_to_run(str(args.teacher), conv, channel_mode=args.channel_mode, residual_outputs=args.residual_outputs)
     model = read_config(conv)["architecture"]
     recipe_name = args.recipe or ("fashion-mnist-mobilenet" if "mobilenet" in model else "fashion-mnist-resnet18")
     rows = []

@@ -25,13 +25,17 @@ def convert(
                                          "pay for themselves in wall-clock time at --img-size (listed as skipped)"),
     channel_mode: str = typer.Option("channel", help="channel (a C-Net keeps any channels) | width (channels ordered "
                                      "by importance, a C-Net keeps a prefix at one of a few widths: no gathers)"),
+    residual_outputs: bool = typer.Option(False, "--residual-outputs", help="also gate the output channels of the "
+                                          "layer that ends each residual branch (the shortcut passes the dropped "
+                                          "channels on)"),
 ) -> None:
     """Insert L-Net / C-Net gates into a timm CNN and write a run directory."""
     console = Console()
     with console.status(f"building, tracing and gating {model}"):
         net, out = convert_to_run(model, output, checkpoint=checkpoint, pretrained=pretrained,
                                   num_classes=num_classes, in_chans=in_chans, img_size=img_size, gates=gates,
-                                  profitable_only=profitable_only, channel_mode=channel_mode)
+                                  profitable_only=profitable_only, channel_mode=channel_mode,
+                                  residual_outputs=residual_outputs)
     print_plan(net.plan, f"dynamize plan for {net.plan.architecture}", console)
     console.print(f"wrote [bold]{out}[/bold]")
 

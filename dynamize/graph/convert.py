@@ -69,7 +69,7 @@ def _trace_at_size(model: nn.Module, img_size: int | None) -> tuple[fx.GraphModu
 
 def plan_model(model: nn.Module, *, gates: str = "both", img_size: int | None = None,
                min_keep_share: float = MIN_KEEP_SHARE, profitable_only: bool = False,
-               channel_mode: str = "channel") -> GatePlan:
+               channel_mode: str = "channel", residual_outputs: bool = False) -> GatePlan:
     """Analyse a timm model and return its GatePlan without changing it.
 
     Args:
@@ -83,6 +83,10 @@ def plan_model(model: nn.Module, *, gates: str = "both", img_size: int | None = 
         channel_mode: "channel" (a C-Net keeps any subset of its channels) or "width" (a prefix of the channels,
             ordered by importance at conversion, at one of a few widths; groups that cannot be reordered keep
             per-channel decisions and `plan.skipped` says why).
+        residual_outputs: also gate the output channels of the layer that ends each residual branch (the last
+            convolution of a ResNet block, a mobile net's projection): the channels an image drops are not computed
+            and the shortcut passes them on unchanged. Without it those layers always compute every channel, so a
+            budget is met by thinning only the branches' inner layers.
 
     Raises:
         ModelError: the model cannot be traced, or has nothing to gate.
@@ -101,7 +105,7 @@ def plan_model(model: nn.Module, *, gates: str = "both", img_size: int | None = 
                     channel_mode=channel_mode)
 
     blocks, plan.skipped = find_blocks(g)
-    groups, skipped_groups = find_groups(g, blocks)
+    groups, skipped_groups = find_groups(g, blocks, residual_outputs)
     if gates in ("both", "layer") and not any(is_residual_add(n) for n in g.nodes):
         plan.skipped.append(Skipped("block", arch, _NO_ADDS))
     if gates == "layer":
@@ -156,7 +160,8 @@ def plan_model(model: nn.Module, *, gates: str = "both", img_size: int | None = 
             name=name, unit=unit.path, producer=unit.name(gr.producer),
             gate_input=input_node(unit.own[gr.producer]).name, gate_after=unit.name(gr.end),
             members=[unit.name(n) for n in gr.members],
-            sinks=[unit.name(n) for n in gr.sinks], channels=gr.channels, in_channels=in_ch, axis=gr.axis,
+            sinks=[unit.name(n) for n in gr.sinks], exits=[unit.name(n) for n in gr.exits], channels=gr.channels,
+            in_channels=in_ch, axis=gr.axis,
             hidden=hidden, block=block_names.get(id(gr.block)), flops=sum(flops.get(n.name, 0) for n in
                                                                           gr.members + gr.sinks),
             gate_flops=gate_flops(in_ch, gr.channels, hidden), pool_flops=pool_flops(tensor_shape(gr.gate_input)),
@@ -217,7 +222,7 @@ def _swallows_blocks(model: nn.Module, group: Group, blocks: list[Block]) -> boo
 
 
 def _changed(group: Group) -> list[fx.Node]:
-    return [group.producer, *group.members, *group.sinks, *group.frontier]
+    return [group.producer, *group.members, *group.sinks, *group.frontier, *group.exits]
 
 
 def _unique(name: str, used: set) -> str:
@@ -231,7 +236,7 @@ def _unique(name: str, used: set) -> str:
 
 def convert(model: str | nn.Module, *, gates: str = "both", img_size: int | None = None,
             min_keep_share: float = MIN_KEEP_SHARE, profitable_only: bool = False, channel_mode: str = "channel",
-            **timm_kwargs) -> DynamicNet:
+            residual_outputs: bool = False, **timm_kwargs) -> DynamicNet:
     """Insert L-Net and/or C-Net gates into a timm CNN.
 
     Args:
@@ -243,6 +248,7 @@ def convert(model: str | nn.Module, *, gates: str = "both", img_size: int | None
             `plan_model`).
         channel_mode: "channel" or "width" (see `plan_model`); in width mode the copy's channels are reordered by
             importance, which leaves its function unchanged.
+        residual_outputs: also gate the layers that end residual branches (see `plan_model`).
         **timm_kwargs: passed to `timm.create_model` when `model` is a name (e.g. num_classes, in_chans).
 
     Returns:
@@ -254,7 +260,7 @@ def convert(model: str | nn.Module, *, gates: str = "both", img_size: int | None
     elif timm_kwargs:
         raise TypeError("timm keyword arguments apply only when `model` is a name")
     plan = plan_model(model, gates=gates, img_size=img_size, min_keep_share=min_keep_share,
-                      profitable_only=profitable_only, channel_mode=channel_mode)
+                      profitable_only=profitable_only, channel_mode=channel_mode, residual_outputs=residual_outputs)
     if any(g.widths for g in plan.groups):
         model = copy.deepcopy(model)
         reorder(model, plan)

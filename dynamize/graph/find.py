@@ -2,7 +2,8 @@
 
 See docs/architecture.md for the rules. In short: a residual block is an add whose one operand is computed from
 the other operand's source x by a single-entry branch that contains convolutions; a channel group is the output
-of a convolution that reaches only other convolutions through per-channel operations (the op table, `ops.py`).
+of a convolution that reaches only other convolutions through per-channel operations (the op table, `ops.py`), or,
+when asked, the residual add of the block whose branch it ends.
 """
 import operator
 from collections.abc import Iterator
@@ -28,7 +29,8 @@ class Block:
 
 @dataclass
 class Group:
-    """A channel group found in the whole-model graph: a producer, its per-channel chain, and the layers it feeds."""
+    """A channel group found in the whole-model graph: a producer, its per-channel chain, the layers it feeds, and the
+    residual adds it is added into (`exits`: the branch output of a block, added to the block's full-width shortcut)."""
     producer: fx.Node
     members: list[fx.Node]
     sinks: list[fx.Node]
@@ -36,6 +38,7 @@ class Group:
     axis: int
     block: Block | None = None
     frontier: list[fx.Node] = field(default_factory=list)
+    exits: list[fx.Node] = field(default_factory=list)
 
     @property
     def end(self) -> fx.Node:
@@ -206,9 +209,9 @@ def _why_not(g: Graph, node: fx.Node) -> str:
     return f"feeds `{node.name}`{f' ({type(m).__name__})' if m is not None else ''}, which mixes channels"
 
 
-def _follow(g: Graph, producer: fx.Node, axis: int, channels: int) -> Group | str:
+def _follow(g: Graph, producer: fx.Node, axis: int, channels: int, adds: dict[fx.Node, fx.Node]) -> Group | str:
     """Follow a producer's output through per-channel ops to the layers that read it: the group, or why there is
-    none."""
+    none. `adds` maps a residual block's branch output to its add, where the group may end (an exit)."""
     members = [producer]
     while len(members[-1].users) == 1:
         nxt = next(iter(members[-1].users))
@@ -217,6 +220,7 @@ def _follow(g: Graph, producer: fx.Node, axis: int, channels: int) -> Group | st
         members.append(nxt)
     sinks: list[fx.Node] = []
     frontier: list[fx.Node] = []
+    exits: list[fx.Node] = []
     stack, seen = [members[-1]], set()
     while stack:
         src = stack.pop()
@@ -226,6 +230,9 @@ def _follow(g: Graph, producer: fx.Node, axis: int, channels: int) -> Group | st
             seen.add(u)
             if _is_sink(g, u, src, axis, channels):
                 sinks.append(u)
+                continue
+            if adds.get(src) is u:
+                exits.append(u)
                 continue
             r = ops.role(g.gm, u, axis)
             keeps = _channels(u, axis) == channels
@@ -237,9 +244,9 @@ def _follow(g: Graph, producer: fx.Node, axis: int, channels: int) -> Group | st
                 stack.append(u)
             else:
                 return _why_not(g, u)
-    if not sinks:
+    if not sinks and not exits:
         return "reaches no convolution"
-    return Group(producer, members, sinks, channels, axis, frontier=frontier)
+    return Group(producer, members, sinks, channels, axis, frontier=frontier, exits=exits)
 
 
 def _producers(g: Graph) -> Iterator[tuple[fx.Node, int, tuple[int, ...]]]:
@@ -254,9 +261,14 @@ def _producers(g: Graph) -> Iterator[tuple[fx.Node, int, tuple[int, ...]]]:
             yield n, -1, shape
 
 
-def find_groups(g: Graph, blocks: list[Block]) -> tuple[list[Group], list[Skipped]]:
-    """Channel groups, each tagged with the residual block whose branch holds it, and the convs rejected."""
+def find_groups(g: Graph, blocks: list[Block], residual_outputs: bool = False) -> tuple[list[Group], list[Skipped]]:
+    """Channel groups, each tagged with the residual block whose branch holds it, and the convs rejected.
+
+    With `residual_outputs`, the output channels of a layer that ends a residual branch form a group too: an image
+    that drops one of them adds nothing to that channel of the shortcut.
+    """
     block_of = {n: b for b in blocks for n in b.region}
+    adds = {b.out: b.add for b in blocks} if residual_outputs else {}
     groups: list[Group] = []
     skipped: list[Skipped] = []
     for producer, axis, shape in _producers(g):
@@ -267,7 +279,7 @@ def find_groups(g: Graph, blocks: list[Block]) -> tuple[list[Group], list[Skippe
             skipped.append(Skipped("group", name, "a 1x1 convolution on a 1x1 map (as in squeeze-excite and "
                                                   "heads): too little work to gate"))
             continue
-        group = _follow(g, producer, axis, shape[axis])
+        group = _follow(g, producer, axis, shape[axis], adds)
         if isinstance(group, str):
             skipped.append(Skipped("group", name, group))
             continue

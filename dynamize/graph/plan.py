@@ -65,6 +65,8 @@ class ChannelGroup:
         gate_after: node after which the gate scales the channels (end of the group's per-channel chain).
         members: nodes whose cost scales with the kept fraction (producer, norms, depthwise convs).
         sinks: convolutions / linears that read the group's channels as input.
+        exits: residual adds the group's channels are added into (the group ends a residual branch): a dropped channel
+            adds nothing there, and the shortcut's channel passes on unchanged.
         channels: number of channels in the group.
         in_channels: channels of `gate_input`.
         axis: channel axis of the gated tensor (1 for NCHW convolutions, -1 for channels-last linears).
@@ -95,6 +97,7 @@ class ChannelGroup:
     pool_flops: int
     min_keep: int = 0
     widths: list[int] = field(default_factory=list)
+    exits: list[str] = field(default_factory=list)
 
     @property
     def always_kept(self) -> int:

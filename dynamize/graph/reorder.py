@@ -72,6 +72,8 @@ def find_edits(gm: fx.GraphModule, group: ChannelGroup) -> list[Edit] | str:
             if u in seen or u in sinks:
                 continue
             seen.add(u)
+            if u.name in group.exits:
+                return "its channels are added into a residual shortcut, whose channel order is fixed"
             if u.op == "output":
                 return "its channels leave the unit"
             if ops.role(gm, u, group.axis) is ops.Role.RESCALE:

@@ -295,7 +295,7 @@ def latest_run(root: Path = RUNS, accept: Callable[[Path], bool] = lambda p: Tru
 def convert_to_run(source: str, out: str | Path | None = None, *, checkpoint: Path | None = None,
                    pretrained: bool = True, num_classes: int | None = None, in_chans: int | None = None,
                    img_size: int | None = None, gates: str = "both", profitable_only: bool = False,
-                   channel_mode: str = "channel") -> tuple[DynamicNet, Path]:
+                   channel_mode: str = "channel", residual_outputs: bool = False) -> tuple[DynamicNet, Path]:
     """Convert a timm model name, or the run directory of a `dynamize train` run, into a gated run directory.
 
     A trained run passes on what it was trained with: its weights, classes, input channels, input size and data
@@ -319,7 +319,8 @@ def convert_to_run(source: str, out: str | Path | None = None, *, checkpoint: Pa
         name = run.architecture
         extra["data"] = {k: recipe.get(k) for k in ("data", "data_dir", "img_size", "in_chans") if k in recipe}
     base = create_base(name, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
-    net = convert(base, gates=gates, img_size=img_size, profitable_only=profitable_only, channel_mode=channel_mode)
+    net = convert(base, gates=gates, img_size=img_size, profitable_only=profitable_only, channel_mode=channel_mode,
+                  residual_outputs=residual_outputs)
     default_classes = (getattr(base, "pretrained_cfg", None) or {}).get("num_classes")
     extra["source"] = {"model": source, "checkpoint": str(checkpoint) if checkpoint else None,
                        "pretrained": pretrained and checkpoint is None}

@@ -339,6 +339,14 @@ class ScaleBy(nn.Module):
         return x * other.gather(kept.axis, kept.view(kept.idx).expand(shape))
 
 
+class Widen(nn.Module):
+    """A group's compact tensor where it leaves the group into a residual add: full width, zero on the channels that
+    were not computed (the shortcut passes them on)."""
+
+    def forward(self, x: torch.Tensor, kept: Kept) -> torch.Tensor:
+        return _scatter(x, kept)
+
+
 class CompactPool(nn.Module):
     """A gate's pooled input read from a group's compact tensor: the pooled kept channels at full width, zero for
     the dropped ones (as the masked graph computes them)."""

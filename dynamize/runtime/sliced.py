@@ -27,7 +27,7 @@ from ..graph.plan import ChannelGroup
 from ..graph.rewrite import DynamicNet, DynamicUnit, gate_key, set_fast_path_compiler, submodule
 from ..graph.trace import TimmTracer, target_path
 from .decide import Decide, decisions
-from .layers import CompactPool, FoldedConv, Scale, ScaleBy, SlicedDepthwise, SlicedLayer, SlicedNorm
+from .layers import CompactPool, FoldedConv, Scale, ScaleBy, SlicedDepthwise, SlicedLayer, SlicedNorm, Widen
 
 CHANNEL_MODES = ("auto", "union", "split")
 _M = TypeVar("_M", bound=nn.Module)
@@ -124,10 +124,19 @@ class _GroupSites:
         self.sinks = [nodes[s] for s in group.sinks]
         self.frontier: list[fx.Node] = []
         self.pools: list[fx.Node] = []  # other gates' pooled inputs, read from this group's channels
+        # Where the channels leave the group at full width (compact node, reader): the residual add the group ends
+        # in, or the output of the branch it ends.
+        self.exits: list[tuple[fx.Node, fx.Node]] = []
         stack, seen = [gate], set()
         while stack:
-            for u in stack.pop().users:
-                if u in seen or u in self.sinks:
+            src = stack.pop()
+            for u in src.users:
+                if u in self.sinks:
+                    continue
+                if u.op == "output" or u.name in group.exits:
+                    self.exits.append((src, u))
+                    continue
+                if u in seen:
                     continue
                 seen.add(u)
                 if isinstance(ops.module_of(gm, u), GatePool):
@@ -196,6 +205,12 @@ def _slice_groups(gm: fx.GraphModule, groups: list[ChannelGroup], mode: str) -> 
             args = (s.gate.args[0], s.producer.args[0], kept[src.group.name] if src else None)
             decide = _decide(gm, s, src is not None, mode)
             kept[s.group.name] = graph.call_module(add(f"decide_{gate_key(s.group.name)}", decide), args)
+
+    for s in sites:
+        for src, reader in s.exits:
+            with graph.inserting_before(reader):
+                full = graph.call_module(add(f"widen_{gate_key(s.group.name)}", Widen()), (src, kept[s.group.name]))
+            reader.replace_input_with(src, full)
 
     folds = {conv: bn for s in sites for conv, bn in _folds(gm, s).items()}
     folded = set(folds.values())
