@@ -207,10 +207,11 @@ def _slice_groups(gm: fx.GraphModule, groups: list[ChannelGroup], mode: str) -> 
             kept[s.group.name] = graph.call_module(add(f"decide_{gate_key(s.group.name)}", decide), args)
 
     for s in sites:
-        for src, reader in s.exits:
+        for compact, reader in s.exits:
             with graph.inserting_before(reader):
-                full = graph.call_module(add(f"widen_{gate_key(s.group.name)}", Widen()), (src, kept[s.group.name]))
-            reader.replace_input_with(src, full)
+                full = graph.call_module(add(f"widen_{gate_key(s.group.name)}", Widen()),
+                                         (compact, kept[s.group.name]))
+            reader.replace_input_with(compact, full)
 
     folds = {conv: bn for s in sites for conv, bn in _folds(gm, s).items()}
     folded = set(folds.values())

@@ -36,6 +36,15 @@ def test_convert_profitable_only_records_the_gates_it_leaves_out(tmp_path, capsy
     assert any("pay for itself" in s["reason"] for s in skipped)
 
 
+def test_convert_residual_outputs_records_the_branch_end_groups(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(["convert", "test_resnet", *ARGS, "--residual-outputs", "-o", str(out)]) == 0
+    capsys.readouterr()
+    plan = json.loads((out / "config.json").read_text())["dynamize"]["plan"]
+    ends = [g for g in plan["groups"] if g["exits"]]
+    assert ends and {g["block"] for g in ends} == {b["name"] for b in plan["blocks"]}
+
+
 def test_convert_with_checkpoint(tmp_path):
     base = timm.create_model("test_resnet", num_classes=4)
     save_file(base.state_dict(), str(tmp_path / "w.safetensors"))

@@ -142,6 +142,30 @@ def test_norm_free_blocks_get_layer_gates():
         assert (net(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv2_100", "seresnet18"])
+def test_residual_outputs_gate_every_branch_end_and_stay_exact(name):
+    """Each residual branch's last layer gets a C-Net whose channels end in the add; open gates change nothing, and
+    width mode keeps those groups per-channel (their order is the shortcut's)."""
+    base = randomize(timm.create_model(name, num_classes=7)).eval()
+    net = dynamize.convert(base, img_size=32, residual_outputs=True).eval()
+    plain = dynamize.plan_model(base, img_size=32)
+    ends = [g for g in net.plan.groups if g.exits]
+    # Every L-gated block's branch end is gated, but a 1x1 convolution on a 1x1 map (mobilenetv2's last blocks at
+    # 32 px) is too little work to gate.
+    small = {s.where for s in net.plan.skipped if "1x1 map" in s.reason}
+    blocks = {b.name for b in net.plan.blocks}
+    assert blocks - {g.block for g in ends} == blocks & {w.rpartition(".")[0] for w in small}
+    assert {g.name for g in net.plan.groups} - {g.name for g in ends} == {g.name for g in plain.groups}
+    assert all(g.block is not None and g.min_keep == 0 for g in ends)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = base(x)
+        assert (dynamize.use_runtime(net, None)(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
+    width = dynamize.plan_model(base, img_size=32, residual_outputs=True, channel_mode="width")
+    per_channel = {s.where for s in width.skipped if "residual shortcut" in s.reason}
+    assert per_channel == {g.name for g in ends} and not any(g.widths for g in width.groups if g.exits)
+
+
 def test_profitable_only_leaves_out_channel_gates_on_small_maps():
     model = timm.create_model("mobilenetv3_small_100")
     every = dynamize.plan_model(model, img_size=224)

@@ -77,3 +77,27 @@ def test_gates_reading_one_tensor_pool_it_once(pair):
     pools = {s.pool: s.pool_flops for s in [*net.plan.blocks, *net.plan.groups]}
     assert net.plan.gate_flops == mlps + sum(pools.values()) < mlps + sum(
         s.pool_flops for s in [*net.plan.blocks, *net.plan.groups])
+
+
+def test_a_branch_end_group_costs_its_kept_outputs():
+    """With residual outputs gated, a block's last convolution costs its kept inputs x its kept outputs."""
+    base = timm.create_model("resnet18", num_classes=10).eval()
+    net = dynamize.convert(base, img_size=SIZE[1], residual_outputs=True).eval()
+    inner, end = "layer3.0.conv1", "layer3.0.conv2"
+    assert net.plan.groups[[g.name for g in net.plan.groups].index(end)].exits
+    kept_inner, kept_end = torch.zeros(256), torch.zeros(256)
+    kept_inner[:100], kept_end[:64] = 1, 1
+    net.channel_gate(inner).forced, net.channel_gate(end).forced = kept_inner, kept_end
+    try:
+        frac = dynamize.flops_fraction(net, torch.randn(2, *SIZE))
+    finally:
+        net.channel_gate(inner).forced = net.channel_gate(end).forced = None
+
+    b3 = base.layer3[0]
+    full = count_flops(base, SIZE)
+    conv1, conv2 = count_flops(b3.conv1, (128, 8, 8)), count_flops(b3.conv2, (256, 4, 4))
+    thin1 = count_flops(_sliced_conv(b3.conv1, keep_out=range(100)), (128, 8, 8))
+    thin2 = count_flops(_sliced_conv(b3.conv2, keep_in=range(100), keep_out=range(64)), (100, 4, 4))
+    gates = net.plan.gate_flops
+    assert torch.allclose(frac, torch.full((2,), (full - conv1 - conv2 + thin1 + thin2 + gates) / full), rtol=1e-6)
+

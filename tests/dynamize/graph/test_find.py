@@ -129,6 +129,18 @@ def test_channel_group_inside_a_block():
     assert [s.reason for s in skipped] == ["feeds a residual add"]  # f2 feeds the add
 
 
+def test_a_branch_end_is_a_group_only_when_asked():
+    g, blocks, _ = analyse(nn.Sequential(Basic(), Basic()))
+    groups, skipped = find_groups(g, blocks, residual_outputs=True)
+    assert not skipped
+    ends = [gr for gr in groups if gr.exits]
+    assert [e.producer.target for e in ends] == ["0.f2.0", "1.f2.0"]
+    assert [e.exits for e in ends] == [[b.add] for b in blocks] and all(not e.sinks for e in ends)
+    assert [e.block for e in ends] == blocks
+    without, _ = find_groups(g, blocks)
+    assert len(without) == len(groups) - 2
+
+
 def test_weight_standardised_sink_is_not_grouped():
     model = nn.Sequential(conv_bn(), nn.ReLU(), conv_bn(conv=StdConv2d))
     g, blocks, _ = analyse(model)

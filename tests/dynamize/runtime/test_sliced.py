@@ -13,14 +13,18 @@ from dynamize.runtime.bench import force_random, release
 from dynamize.runtime.decide import Decide
 from dynamize.runtime.sliced import use_runtime
 
-# Residual blocks + conv groups; depthwise + squeeze-excite groups; channels-last Linear groups.
-MODELS = [("resnet18", 32), ("test_efficientnet", 64), ("test_convnext", 32)]
+# Residual blocks + conv groups; depthwise + squeeze-excite groups; channels-last Linear groups; a ResNet and a mobile
+# net (squeeze-excite, projections into residual adds) with the layers that end residual branches gated too.
+MODELS = [("resnet18", 32, False), ("test_efficientnet", 64, False), ("test_convnext", 32, False),
+          ("resnet18", 32, True), ("mobilenetv3_small_050", 32, True)]
 
 
-@pytest.fixture(scope="module", params=MODELS, ids=[m for m, _ in MODELS])
+@pytest.fixture(scope="module", params=MODELS, ids=[f"{m}{'-residual-outputs' * r}" for m, _, r in MODELS])
 def model(request):
-    name, size = request.param
-    net = dynamize.convert(randomize(timm.create_model(name, num_classes=7)), img_size=size).eval()
+    name, size, residual_outputs = request.param
+    net = dynamize.convert(randomize(timm.create_model(name, num_classes=7)), img_size=size,
+                           residual_outputs=residual_outputs).eval()
+    assert any(g.exits for g in net.plan.groups) == residual_outputs
     return net, size
 
 
