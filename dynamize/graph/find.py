@@ -188,6 +188,9 @@ def _is_sink(g: Graph, node: fx.Node, src: fx.Node, axis: int, channels: int) ->
     return isinstance(m, nn.Linear) and m.in_features == channels
 
 
+_ENDS_BRANCH = "ends a residual branch (gated with --residual-outputs)"
+
+
 def _why_not(g: Graph, node: fx.Node) -> str:
     if ops.is_add(node):
         return "feeds a residual add"
@@ -209,9 +212,11 @@ def _why_not(g: Graph, node: fx.Node) -> str:
     return f"feeds `{node.name}`{f' ({type(m).__name__})' if m is not None else ''}, which mixes channels"
 
 
-def _follow(g: Graph, producer: fx.Node, axis: int, channels: int, adds: dict[fx.Node, fx.Node]) -> Group | str:
+def _follow(g: Graph, producer: fx.Node, axis: int, channels: int, adds: dict[fx.Node, fx.Node],
+            residual_outputs: bool) -> Group | str:
     """Follow a producer's output through per-channel ops to the layers that read it: the group, or why there is
-    none. `adds` maps a residual block's branch output to its add, where the group may end (an exit)."""
+    none. `adds` maps a residual block's branch output to its add, where the group may end (an exit) with
+    `residual_outputs`."""
     members = [producer]
     while len(members[-1].users) == 1:
         nxt = next(iter(members[-1].users))
@@ -232,6 +237,8 @@ def _follow(g: Graph, producer: fx.Node, axis: int, channels: int, adds: dict[fx
                 sinks.append(u)
                 continue
             if adds.get(src) is u:
+                if not residual_outputs:
+                    return _ENDS_BRANCH
                 exits.append(u)
                 continue
             r = ops.role(g.gm, u, axis)
@@ -268,7 +275,7 @@ def find_groups(g: Graph, blocks: list[Block], residual_outputs: bool = False) -
     that drops one of them adds nothing to that channel of the shortcut.
     """
     block_of = {n: b for b in blocks for n in b.region}
-    adds = {b.out: b.add for b in blocks} if residual_outputs else {}
+    adds = {b.out: b.add for b in blocks}
     groups: list[Group] = []
     skipped: list[Skipped] = []
     for producer, axis, shape in _producers(g):
@@ -279,7 +286,7 @@ def find_groups(g: Graph, blocks: list[Block], residual_outputs: bool = False) -
             skipped.append(Skipped("group", name, "a 1x1 convolution on a 1x1 map (as in squeeze-excite and "
                                                   "heads): too little work to gate"))
             continue
-        group = _follow(g, producer, axis, shape[axis], adds)
+        group = _follow(g, producer, axis, shape[axis], adds, residual_outputs)
         if isinstance(group, str):
             skipped.append(Skipped("group", name, group))
             continue

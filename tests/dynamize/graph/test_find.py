@@ -126,7 +126,7 @@ def test_channel_group_inside_a_block():
     (group,) = groups
     assert group.producer.target == "f1.0" and names(group.sinks) == {"f2_0"} and group.block is blocks[0]
     assert group.end.name == "relu"  # the gate scales after the activation
-    assert [s.reason for s in skipped] == ["feeds a residual add"]  # f2 feeds the add
+    assert [s.reason for s in skipped] == ["ends a residual branch (gated with --residual-outputs)"]  # f2
 
 
 def test_a_branch_end_is_a_group_only_when_asked():
