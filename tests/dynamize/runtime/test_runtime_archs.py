@@ -15,12 +15,13 @@ from dynamize.runtime.bench import force_random, release
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("channel_mode", ["channel", "width"])
+@pytest.mark.parametrize("channel_mode, residual_outputs", [("channel", False), ("width", False), ("channel", True)],
+                         ids=["channel", "width", "residual-outputs"])
 @pytest.mark.parametrize("name", sorted(set(ARCHS) - set(NOT_GATEABLE)))
-def test_fast_path_equals_masked_graph(name, channel_mode):
+def test_fast_path_equals_masked_graph(name, channel_mode, residual_outputs):
     size = ARCHS[name]
     net = dynamize.convert(randomize(timm.create_model(name, num_classes=7)), img_size=size,
-                           channel_mode=channel_mode).eval()
+                           channel_mode=channel_mode, residual_outputs=residual_outputs).eval()
     generator = torch.Generator().manual_seed(0)
     try:
         # Batch 1; batch 5 with the batch's union of channels and with per-image channels. Channels-last last, as
