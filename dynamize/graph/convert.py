@@ -159,9 +159,8 @@ def plan_model(model: nn.Module, *, gates: str = "both", img_size: int | None = 
         plan.groups.append(ChannelGroup(
             name=name, unit=unit.path, producer=unit.name(gr.producer),
             gate_input=input_node(unit.own[gr.producer]).name, gate_after=unit.name(gr.end),
-            members=[unit.name(n) for n in gr.members],
-            sinks=[unit.name(n) for n in gr.sinks], exits=[unit.name(n) for n in gr.exits], channels=gr.channels,
-            in_channels=in_ch, axis=gr.axis,
+            members=[unit.name(n) for n in gr.members], sinks=[unit.name(n) for n in gr.sinks],
+            exits=[unit.name(n) for n in gr.exits], channels=gr.channels, in_channels=in_ch, axis=gr.axis,
             hidden=hidden, block=block_names.get(id(gr.block)), flops=sum(flops.get(n.name, 0) for n in
                                                                           gr.members + gr.sinks),
             gate_flops=gate_flops(in_ch, gr.channels, hidden), pool_flops=pool_flops(tensor_shape(gr.gate_input)),
