@@ -100,4 +100,3 @@ def test_a_branch_end_group_costs_its_kept_outputs():
     thin2 = count_flops(_sliced_conv(b3.conv2, keep_in=range(100), keep_out=range(64)), (100, 4, 4))
     gates = net.plan.gate_flops
     assert torch.allclose(frac, torch.full((2,), (full - conv1 - conv2 + thin1 + thin2 + gates) / full), rtol=1e-6)
-
