@@ -170,6 +170,8 @@ def _insert_gates(unit: DynamicUnit, graph: fx.Graph, blocks: list[BlockSite],
 
     gate_nodes: dict[str, fx.Node] = {}
     for grp in groups:
+        for name in (grp.producer, *grp.members, *grp.sinks, *grp.exits):  # read by the cost model and the runtime
+            node(name)
         key = gate_key(grp.name)
         unit.cnets[key] = ChannelGate(grp.in_channels, grp.channels, grp.hidden, grp.axis, grp.min_keep, grp.widths)
         pooled = pool(grp.gate_input, grp.axis)

@@ -6,7 +6,9 @@ import timm
 import torch
 from helpers import randomize
 
+from dynamize.errors import RunError
 from dynamize.graph import DynamicNet, DynamicUnit, convert
+from dynamize.graph.rewrite import rewrite
 
 MODELS = [("test_resnet", 32), ("test_efficientnet", 64), ("test_convnext", 32), ("densenet121", 32)]
 
@@ -66,3 +68,13 @@ def test_a_copy_runs_its_own_weights(pair):
         assert not torch.allclose(net(x), before)
         for p in net.parameters():
             p.sub_(0.5)
+
+
+@pytest.mark.parametrize("field", ["producer", "members", "sinks", "exits"])
+def test_a_plan_naming_a_node_the_model_lacks_is_refused_when_replayed(field):
+    base = timm.create_model("test_resnet", num_classes=3)
+    plan = convert(base, img_size=32, residual_outputs=True).plan
+    group = next(g for g in plan.groups if g.exits)
+    setattr(group, field, "nosuch" if field == "producer" else [*getattr(group, field), "nosuch"])
+    with pytest.raises(RunError, match="names node 'nosuch'"):
+        rewrite(base, plan)
