@@ -1,6 +1,6 @@
 """Every command that reads a run reads it in full first (through `dynamize.io.runs.check_run`): a run from a newer
-dynamize, with a broken plan, or with missing, truncated or mismatched weights is refused with exit code 2 and one
-line before any work, and nothing is written."""
+dynamize, with a broken plan or one naming nodes the model lacks, or with missing, truncated or mismatched weights is
+refused with exit code 2 and one line before any work, and nothing is written."""
 import json
 import shutil
 
@@ -10,8 +10,10 @@ from safetensors.torch import save_file
 
 from dynamize_cli.main import run
 
-DAMAGES = ["newer version", "broken plan", "missing weights", "truncated weights", "other shapes"]
-MESSAGES = {"newer version": "newer", "broken plan": "malformed", "missing weights": "no model.safetensors",
+DAMAGES = ["newer version", "broken plan", "foreign node", "missing weights", "truncated weights", "other shapes"]
+PLAN_DAMAGES = ("broken plan", "foreign node")  # a trained run has no plan
+MESSAGES = {"newer version": "newer", "broken plan": "malformed", "foreign node": "names node 'nosuch'",
+            "missing weights": "no model.safetensors",
             "truncated weights": "not a valid safetensors", "other shapes": "does not match"}
 
 # command line per command; {run} is a damaged copy of the `source` run of the tiny CLI path, {out} must not appear.
@@ -37,6 +39,8 @@ def _damage(source, dest, damage):
         config["dynamize"]["version"] = "99.0.0"
     elif damage == "broken plan":
         config["dynamize"]["plan"]["blocks"] = [{"name": "layer1.0"}]
+    elif damage == "foreign node":  # well-formed, but not this model's graph (a hand-edited plan)
+        config["dynamize"]["plan"]["groups"][0]["sinks"].append("nosuch")
     elif damage == "missing weights":
         weights.unlink()
     elif damage == "truncated weights":
@@ -57,7 +61,7 @@ def damaged(tiny_runs, tmp_path_factory):
     bad = tmp_path_factory.mktemp("damaged")
     for source in ("conv", "ft", "teacher"):
         for damage in DAMAGES:
-            if damage != "broken plan" or source != "teacher":
+            if damage not in PLAN_DAMAGES or source != "teacher":
                 _damage(root / source, bad / f"{source}-{damage.replace(' ', '-')}", damage)
     return root, data, bad
 
@@ -67,7 +71,7 @@ def damaged(tiny_runs, tmp_path_factory):
 def test_every_command_refuses_a_damaged_run(command, damage, damaged, tmp_path, monkeypatch, capsys):
     root, data, bad = damaged
     source, argv = COMMANDS[command]
-    if damage == "broken plan" and source == "teacher":
+    if damage in PLAN_DAMAGES and source == "teacher":
         pytest.skip("a trained run has no plan")
     out = tmp_path / "out"
     argv = [a.format(run=bad / f"{source}-{damage.replace(' ', '-')}", data=data, out=out) for a in argv]
