@@ -19,9 +19,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from dynamize.io.runs import CONFIG, convert_to_run, read_config
+from dynamize.io.runs import CONFIG, check_run, convert_to_run, read_config
 from dynamize.training.jobs import finetune
-from dynamize.training.recipe import load_recipe
+from dynamize.training.preflight import finetune_recipe
 
 NAMES = {"both": "LC", "layer": "L-only", "channel": "C-only"}
 
@@ -64,7 +64,8 @@ def table(rows: list[dict]) -> Table:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("teacher", type=Path, help="a `dynamize train` run")
-    ap.add_argument("--recipe", default=None, help="recipe name or path (default: chosen for the model)")
+    ap.add_argument("--recipe", default=None,
+                    help="recipe name or path (default: the one `dynamize finetune` chooses for the model and data)")
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25])
     ap.add_argument("--gates", nargs="+", default=["both", "layer", "channel"], choices=sorted(NAMES))
     ap.add_argument("--root", type=Path, required=True)
@@ -79,15 +80,14 @@ def main() -> None:
     conv = args.root / "converted"
     if not (conv / CONFIG).is_file():
         convert_to_run(str(args.teacher), conv, channel_mode=args.channel_mode, residual_outputs=args.residual_outputs)
-    model = read_config(conv)["architecture"]
-    recipe_name = args.recipe or ("fashion-mnist-mobilenet" if "mobilenet" in model else "fashion-mnist-resnet18")
+    converted = check_run(conv)
     rows = []
     for gates in args.gates:
         for budget in args.budgets:
             out = args.root / f"{NAMES[gates]}-b{budget:.2f}"
             start = time.time()
             if not (out / CONFIG).is_file():
-                recipe = load_recipe(recipe_name, args.overrides, budget=budget, gates=gates, model=model)
+                recipe, _ = finetune_recipe(converted, args.recipe, args.overrides, budget=budget, gates=gates)
                 finetune(conv, recipe, out, resume=(out / "checkpoints").is_dir(), console=console)
             rows.append(row_of(out, gates, budget, time.time() - start))
             console.print(json.dumps(rows[-1]))
