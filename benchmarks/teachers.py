@@ -81,8 +81,8 @@ def main() -> None:
         console.print(f"{out} exists; delete it to train again")
         return
     recipe = load_recipe(recipe_name, overrides)
-    init = imagenet_weights(args.name, out.parent / f"imagenet-{args.name}.safetensors") if args.name in IMAGENET \
-        else None
+    weights = out.parent / f"imagenet-{args.name}.safetensors"
+    init = imagenet_weights(args.name, weights) if args.name in IMAGENET else None
     start = time.time()
     result = train_base(recipe, out, resume=args.resume, console=console, init=init)
     console.print(f"{args.name}: test top-1 {result['eval']['top1']:.2f}% in {(time.time() - start) / 60:.1f} min; "

@@ -184,9 +184,8 @@ def _insert_gates(unit: DynamicUnit, graph: fx.Graph, blocks: list[BlockSite],
     branches: dict[str, fx.Graph] = {}
     for blk in blocks:
         fork, add = node(blk.fork), node(blk.add)
-        missing = [name for name in blk.branch_nodes if name not in nodes]
-        if missing:
-            node(missing[0])  # raises the plan-mismatch error
+        for name in blk.branch_nodes:
+            node(name)  # a name this graph lacks raises the plan-mismatch error
         region = {nodes[name] for name in blk.branch_nodes}  # a gate's own input is the original node
         region |= {gate_nodes[name] for name in blk.branch_nodes if name in gate_nodes}
         region |= {p for p in pools.values() if p.args[0] in region}
