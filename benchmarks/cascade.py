@@ -14,12 +14,19 @@ The cheap model is a fine-tuned dynamize run (`--runs`, at its own per-image FLO
 `static_baseline.py` (`--pruned OUT=FRACTION`: the teacher is pruned again to the same structure, which is
 deterministic, and the fine-tuned weights are read from OUT's last checkpoint).
 
+Which images escalate is decided by a score of the cheap model's softmax (`--scores`): the top probability, as
+`dynamize cascade` does, or the margin between the top two, or the negative entropy; the least sure images escalate
+first. "Either right" is the ceiling of any such rule: the share of images that the cheap model or the original
+classifies correctly.
+
     python benchmarks/cascade.py TEACHER [--runs RUN ...] [--pruned OUT=FRACTION ...] --budgets 0.2 0.25
-        [--seed S] [--json F]
+        [--scores top margin entropy] [--seed S] [--json F]
 """
 import argparse
+import itertools
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,24 +37,45 @@ from safetensors.torch import load_file
 from static_baseline import prune_to
 from torch import nn
 
+from dynamize.graph.cost import flops_per_image
+from dynamize.graph.rewrite import DynamicNet
 from dynamize.io.runs import load, load_base, read_config
-from dynamize.runtime.cascade import escalates, escalation_threshold
+from dynamize.runtime.cascade import confidence, escalates, escalation_threshold
 from dynamize.training.data import DataSpec, datasets, loader
-from dynamize.training.evaluate import predict
 
 
+def _margin(logits: torch.Tensor) -> torch.Tensor:
+    top2 = logits.softmax(1).topk(2, 1).values
+    return top2[:, 0] - top2[:, 1]
+
+
+def _negative_entropy(logits: torch.Tensor) -> torch.Tensor:
+    return (logits.softmax(1) * logits.log_softmax(1)).sum(1)
+
+
+# Scores of the cheap model's logits, higher = surer; "top" is what `dynamize cascade` uses.
+SCORES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"top": confidence, "margin": _margin,
+                                                            "entropy": _negative_entropy}
+
+
+@torch.no_grad()
 def outputs(model: nn.Module, data, fraction: float = 1.0) -> dict[str, torch.Tensor]:
-    """Per image: top softmax probability, correctness and FLOPs fraction of the original's (a gated model's own,
-    else `fraction`)."""
-    pred = predict(model, loader(data, 256))
-    correct = pred["top5"][:, 0] == pred["labels"]
-    return {"confidence": pred["confidence"], "correct": correct,
-            "flops": pred.get("fractions", torch.full((len(correct),), fraction))}
+    """Per image: logits, correctness and FLOPs fraction of the original's (a gated model's own, else `fraction`)."""
+    model.eval()
+    logits, labels, flops = [], [], []
+    for images, target in loader(data, 256):
+        logits.append(model(images))
+        labels.append(target)
+        flops.append(flops_per_image(model) if isinstance(model, DynamicNet)
+                     else torch.full((len(target),), fraction))
+    out = torch.cat(logits)
+    return {"logits": out, "correct": out.argmax(1) == torch.cat(labels), "flops": torch.cat(flops)}
 
 
-def cascade(small: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], threshold: float) -> dict:
-    """Accuracy and per-image cost of the cascade at a threshold."""
-    escalate = escalates(small["confidence"], threshold)
+def cascade(small: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], score: str, threshold: float) -> dict:
+    """Accuracy and per-image cost of the cascade that escalates the images whose `score` is at or below a
+    threshold."""
+    escalate = escalates(SCORES[score](small["logits"]), threshold)
     cost = small["flops"] + escalate.float()
     correct = torch.where(escalate, teacher["correct"], small["correct"])
     q = {f"p{p}": cost.quantile(p / 100).item() for p in (5, 50, 95)}
@@ -86,6 +114,8 @@ def main() -> None:
     parser.add_argument("--pruned", nargs="*", default=[], type=pruned_spec,
                         help="OUT=FRACTION of static_baseline.py runs")
     parser.add_argument("--budgets", nargs="+", type=float, required=True, help="mean FLOPs fractions")
+    parser.add_argument("--scores", nargs="+", choices=list(SCORES), default=["top"],
+                        help="what ranks the images for escalation (top softmax probability by default)")
     parser.add_argument("--seed", type=int, default=0, help="the cheap models' seed: its calibration split")
     parser.add_argument("--json", type=Path, help="append one result line per model and budget here")
     args = parser.parse_args()
@@ -95,25 +125,27 @@ def main() -> None:
     spec = DataSpec(recipe["data"], recipe["data_dir"], recipe["img_size"], recipe["in_chans"])
     splits = datasets(spec, seed=args.seed)
     teacher_net = load_base(args.teacher)
-    teacher = {name: outputs(teacher_net, split) for name, split in (("calib", splits.calib),
-                                                                      ("test", splits.evaluation))}
+    teacher = outputs(teacher_net, splits.evaluation)
     smalls: list[tuple[nn.Module, str, float]] = [(load(run), f"dynamize {Path(run).parent.name}/{Path(run).name}",
                                                     1.0) for run in args.runs]
     smalls += [pruned_model(teacher_net, p, (spec.in_chans, spec.img_size, spec.img_size)) for p in args.pruned]
-    teacher_top1 = 100 * teacher["test"]["correct"].float().mean().item()
-    table = Table("cheap model", "alone: top-1 % / FLOPs", "budget", "top-1 %", "FLOPs mean", "p5 / p50 / p95",
-                  "escalated", title=f"Confidence cascade to the original ({teacher_top1:.2f}% alone)")
+    teacher_top1 = 100 * teacher["correct"].float().mean().item()
+    table = Table("cheap model", "alone: top-1 % / FLOPs", "either right %", "budget", "score", "top-1 %",
+                  "FLOPs mean", "p5 / p50 / p95", "escalated",
+                  title=f"Confidence cascade to the original ({teacher_top1:.2f}% alone)")
     for model, name, fraction in smalls:
         calib, test = outputs(model, splits.calib, fraction), outputs(model, splits.evaluation, fraction)
-        alone = cascade(test, teacher["test"], float("-inf"))
-        for budget in args.budgets:
-            r = cascade(test, teacher["test"], escalation_threshold(calib["confidence"], calib["flops"], budget))
-            table.add_row(name, f"{alone['top1']:.2f} / {alone['flops_mean']:.3f}", f"{budget}", f"{r['top1']:.2f}",
-                          f"{r['flops_mean']:.3f}", f"{r['p5']:.3f} / {r['p50']:.3f} / {r['p95']:.3f}",
-                          f"{r['escalated']:.3f}")
+        alone = cascade(test, teacher, "top", float("-inf"))
+        either = 100 * (test["correct"] | teacher["correct"]).float().mean().item()
+        for budget, score in itertools.product(args.budgets, args.scores):
+            threshold = escalation_threshold(SCORES[score](calib["logits"]), calib["flops"], budget)
+            r = cascade(test, teacher, score, threshold)
+            table.add_row(name, f"{alone['top1']:.2f} / {alone['flops_mean']:.3f}", f"{either:.2f}", f"{budget}",
+                          score, f"{r['top1']:.2f}", f"{r['flops_mean']:.3f}",
+                          f"{r['p5']:.3f} / {r['p50']:.3f} / {r['p95']:.3f}", f"{r['escalated']:.3f}")
             if args.json:
-                line = {"cheap": name, "alone": alone, "budget": budget, "cascade": r,
-                        "teacher_top1": teacher_top1,
+                line = {"cheap": name, "alone": alone, "budget": budget, "score": score, "cascade": r,
+                        "either_top1": either, "teacher_top1": teacher_top1,
                         "seconds": time.time() - start, **facts()}
                 with open(args.json, "a") as f:
                     f.write(json.dumps(line) + "\n")
