@@ -126,7 +126,7 @@ def main() -> None:
     splits = datasets(spec, seed=args.seed)
     teacher_net = load_base(args.teacher)
     teacher = outputs(teacher_net, splits.evaluation)
-    smalls: list[tuple[nn.Module, str, float]] = [(load(run), f"dynamize {Path(run).parent.name}/{Path(run).name}",
+    smalls: list[tuple[nn.Module, str, float]] = [(load(run), "dynamize " + "/".join(Path(run).parts[-3:]),
                                                     1.0) for run in args.runs]
     smalls += [pruned_model(teacher_net, p, (spec.in_chans, spec.img_size, spec.img_size)) for p in args.pruned]
     teacher_top1 = 100 * teacher["correct"].float().mean().item()
