@@ -4,6 +4,7 @@ from collections import defaultdict
 from rich.console import Console, Group
 from rich.table import Table
 
+from dynamize.graph.cost import smallest_budget
 from dynamize.graph.plan import GatePlan
 
 
@@ -22,7 +23,9 @@ def plan_summary(plan: GatePlan, title: str) -> Table:
     if plan.channel_mode == "width":
         t.add_row("groups in width mode", f"{sum(bool(g.widths) for g in plan.groups)} (the others per channel)")
     t.add_row("FLOPs under gate control", f"{100 * s['controlled_share']:.1f}%")
+    t.add_row("costliest ungated", plan.largest_ungated() or "-")
     t.add_row("gate overhead", f"{100 * s['gate_overhead']:.3f}% of FLOPs")
+    t.add_row("smallest budget", f"{smallest_budget(plan):.3f} (every gate closed)")
     return t
 
 

@@ -9,6 +9,7 @@ Per image: every node costs its FLOPs x keep(its block) x the kept fraction of e
 active gate adds its MLP when it runs (a C-Net inside a skipped block does not); each pooled tensor is paid once if
 any active gate that reads it runs. The fraction divides by the original model's FLOPs.
 """
+import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import cast
@@ -238,3 +239,8 @@ def min_fraction(plan: GatePlan, trained: str = "both") -> float:
     """The smallest mean FLOPs fraction the trained gates can reach: every block skipped, every group at the channels
     it always keeps."""
     return expected_fraction(plan, 0.0, trained)
+
+
+def smallest_budget(plan: GatePlan, trained: str = "both") -> float:
+    """The smallest budget the trained gates can meet: `min_fraction` rounded up to a thousandth, as it is shown."""
+    return math.ceil(min_fraction(plan, trained) * 1000) / 1000

@@ -96,8 +96,10 @@ def keep_probability(plan: GatePlan, fraction: float) -> float:
     check_fraction(fraction)
     floor = min_fraction(plan)
     if fraction < floor:
+        ungated = plan.largest_ungated()
         raise DynamizeError(f"--fraction {fraction} is below {floor:.3f}, the FLOPs fraction of {plan.architecture} "
-                            "with every gate closed (ungated stem, head and shortcuts); choose a larger one")
+                            f"with every gate closed{f' (no gate controls {ungated})' if ungated else ''}; choose a "
+                            "larger one")
     lo, hi = 0.0, 1.0
     for _ in range(40):
         mid = (lo + hi) / 2

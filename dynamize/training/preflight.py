@@ -4,12 +4,11 @@ Every input a job would refuse later (a damaged or newer run, a teacher whose cl
 does not fit the model, a budget the gates cannot reach, an output that is in the way) is refused here, with one
 line, while the output path is still untouched: a long job never starts on input it will refuse.
 """
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import OutputError, RunError
-from ..graph.cost import min_fraction
+from ..graph.cost import smallest_budget
 from ..graph.plan import GatePlan
 from ..io.atomic import check_output_dir
 from ..io.runs import GATED, Run, check_run
@@ -56,12 +55,14 @@ def check_reachable(plan: GatePlan, budget: float, kinds: str) -> None:
     Raises:
         RecipeError: the budget is below the plan's smallest reachable FLOPs fraction.
     """
-    floor = math.ceil(min_fraction(plan, kinds) * 1000) / 1000
+    floor = smallest_budget(plan, kinds)
     if budget < floor:
         which = "" if kinds == "both" else f"{kinds} "
+        ungated = plan.largest_ungated()
         raise RecipeError(f"budget {budget} is below {floor:.3f}, the smallest FLOPs fraction {plan.architecture} "
-                          f"reaches with every {which}gate closed (the rest of its FLOPs is not under gate control); "
-                          f"choose a budget of at least {floor:.3f}")
+                          f"reaches with every {which}gate closed (the rest of its FLOPs is not under {which}gate "
+                          f"control{'; no gate controls ' + ungated if ungated else ''}); choose a budget of at "
+                          f"least {floor:.3f}")
 
 
 def check_teacher(run: Run) -> Run:

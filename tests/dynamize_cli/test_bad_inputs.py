@@ -117,6 +117,8 @@ CASES = {
                                                     "{data}"], "never trained"),
     "budget below what the gates reach": (["finetune", "{conv}", "--budget", "0.01", "--data", "{data}"],
                                           "smallest FLOPs fraction"),
+    "budget below what the gates reach names what no gate controls": (["finetune", "{conv}", "--budget", "0.01",
+                                                                        "--data", "{data}"], "no gate controls"),
     "budget below what layer gates reach": (["finetune", "{conv}", "--budget", "0.3", "--gates", "layer",
                                              "--data", "{data}"], "every layer gate closed"),
     "calibrate below what the gates reach": (["calibrate", "{ft}", "--budget", "0.01"], "smallest FLOPs fraction"),

@@ -1,7 +1,10 @@
-"""The result table says how much the compute depends on the image, and says it plainly when it hardly does."""
+"""The result table says how much the compute depends on the image, and says it plainly when it hardly does; the
+plan table says what sets the smallest reachable fraction."""
 from rich.console import Console
 
-from dynamize_cli.tables import print_result
+import dynamize
+from dynamize.graph.cost import smallest_budget
+from dynamize_cli.tables import print_plan, print_result
 
 
 def _result(spread: float, static: bool) -> dict:
@@ -22,3 +25,13 @@ def test_static_run_is_told_so():
     console = Console(record=True, width=200)
     print_result(console, "t", _result(0.01, True), 0.5)
     assert "nearly static" in console.export_text()
+
+
+def test_plan_table_shows_the_smallest_budget_and_what_no_gate_controls():
+    plan = dynamize.convert("test_resnet", num_classes=3, img_size=32, gates="layer").plan
+    console = Console(record=True, width=300)
+    print_plan(plan, "t", console)
+    text = console.export_text()
+    assert "smallest budget" in text and f"{smallest_budget(plan):.3f} (every gate closed)" in text
+    costliest = max((c for c in plan.costs if not (c.block or c.groups)), key=lambda c: c.flops)
+    assert "costliest ungated" in text and f"{costliest.node} {100 * costliest.flops / plan.total_flops:.1f}%" in text

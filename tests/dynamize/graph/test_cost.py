@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import dynamize
-from dynamize.graph.cost import count_flops
+from dynamize.graph.cost import count_flops, min_fraction, smallest_budget
 
 SIZE = (3, 64, 64)
 
@@ -100,3 +100,10 @@ def test_a_branch_end_group_costs_its_kept_outputs():
     thin2 = count_flops(_sliced_conv(b3.conv2, keep_in=range(100), keep_out=range(64)), (100, 4, 4))
     gates = net.plan.gate_flops
     assert torch.allclose(frac, torch.full((2,), (full - conv1 - conv2 + thin1 + thin2 + gates) / full), rtol=1e-6)
+
+
+@pytest.mark.parametrize("gates", ["both", "layer", "channel"])
+def test_smallest_budget_is_the_smallest_fraction_rounded_up_to_a_thousandth(gates):
+    plan = dynamize.convert("test_resnet", num_classes=3, img_size=32, gates=gates).plan
+    floor, budget = min_fraction(plan), smallest_budget(plan)
+    assert floor <= budget < floor + 1e-3 and round(budget * 1000) == pytest.approx(budget * 1000)

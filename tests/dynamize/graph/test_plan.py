@@ -56,6 +56,14 @@ def test_derived_numbers():
     assert plan.summary()["controlled_share"] == pytest.approx(0.7)
 
 
+def test_largest_ungated_names_the_costliest_nodes_no_gate_controls():
+    plan = small_plan()  # ungated: stem (200 of 2,000 FLOPs) and fc (400)
+    assert plan.largest_ungated() == "fc 20.0%, stem 10.0%"
+    assert plan.largest_ungated(1) == "fc 20.0%"
+    plan.costs = [c for c in plan.costs if c.block or c.groups]
+    assert plan.largest_ungated() == ""
+
+
 @pytest.mark.parametrize("version, message", [(PLAN_VERSION + 1, "newer than this dynamize"),
                                               (PLAN_VERSION - 1, "older dynamize"), (None, "older dynamize")])
 def test_other_versions_are_refused(version, message):
