@@ -69,8 +69,10 @@ def print_result(console: Console, title: str, result: dict, budget: float | Non
     console.print(result_table(title, result, budget, name))
     a = result["eval"].get("adaptivity")
     if a:
-        console.print(f"per-image FLOPs: p95 - p5 = {a['spread']:.3f}, {a.get('patterns', 0)} distinct decision "
-                      f"patterns ({a.get('pattern_entropy_bits', 0):.1f} bits) on {result['eval']['n']} images")
+        patterns = a.get("patterns", 0)
+        console.print(f"per-image FLOPs: p95 - p5 = {a['spread']:.3f}, {patterns} distinct decision "
+                      f"pattern{'' if patterns == 1 else 's'} ({a.get('pattern_entropy_bits', 0):.1f} bits) on "
+                      f"{result['eval']['n']} images")
         if a["nearly_static"]:
             console.print("[yellow]warning:[/yellow] the decisions are nearly static: every image costs about the "
                           "same (p95 - p5 < 0.02); this is pruning, not adaptive inference. Train longer, or raise "

@@ -4,11 +4,12 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from dynamize.io.runs import GATED, check_run, latest_run, new_run_dir
+from dynamize.errors import RunError
+from dynamize.io.runs import GATED, RUNS, check_run, latest_run, new_run_dir
 from dynamize.training.jobs import cascade as cascade_job
 from dynamize.training.jobs import finetune as finetune_job
 from dynamize.training.jobs import recalibrate, train_base
-from dynamize.training.loop import resume_recipe
+from dynamize.training.loop import CHECKPOINT, resume_recipe
 from dynamize.training.preflight import finetune_recipe
 from dynamize.training.recipe import given_keys, load_recipe
 
@@ -16,6 +17,15 @@ from .options import in_range
 from .tables import print_result
 
 RECIPE_HELP = "recipe name (in recipes/) or path to a YAML file"
+
+
+def _interrupted_train_run(model: str) -> Path:
+    """The most recent run under runs/ that `dynamize train MODEL` started by default and did not finish."""
+    runs = [p for p in RUNS.glob(f"{model}-base*") if (p / CHECKPOINT).is_dir()]
+    if not runs:
+        raise RunError(f"no unfinished `dynamize train {model}` run under {RUNS}/ to resume; pass its directory "
+                       "with -o")
+    return max(runs, key=lambda p: (p / CHECKPOINT).stat().st_mtime)
 
 
 def train(
@@ -34,7 +44,7 @@ def train(
     overrides = [*(sets or []), *(overrides or [])]
     asked = dict(model=model, data=data, data_dir=data_dir)
     r = load_recipe(recipe, overrides, **asked)
-    out = output or (latest_run() if resume else new_run_dir(f"{model}-base"))
+    out = output or (_interrupted_train_run(model) if resume else new_run_dir(f"{model}-base"))
     if resume:
         r = resume_recipe(out, r, given_keys(recipe, overrides, **asked))
     console = Console()

@@ -168,10 +168,12 @@ class GatePlan:
         return sum(c.flops for c in self.costs if c.block or c.groups)
 
     def largest_ungated(self, n: int = 3) -> str:
-        """The `n` costliest nodes that no gate can remove, with their shares of the original FLOPs ("conv1 2.3%,
+        """The `n` costliest layers that no gate can remove, with their shares of the original FLOPs ("conv1 2.3%,
         ..."): with the gates' own cost they make the smallest reachable fraction. Empty if every node is gated."""
         ungated = sorted((c for c in self.costs if not (c.block or c.groups)), key=lambda c: -c.flops)
-        return ", ".join(f"{c.node} {100 * c.flops / self.total_flops:.1f}%" for c in ungated[:n])
+        # A layer's graph node is named after its module path with "_" for "."; name it as `skipped` does.
+        modules = {s.where.replace(".", "_"): s.where for s in self.skipped}
+        return ", ".join(f"{modules.get(c.node, c.node)} {100 * c.flops / self.total_flops:.1f}%" for c in ungated[:n])
 
     def summary(self) -> dict[str, float]:
         """Headline numbers: counts, and shares of the original model's FLOPs."""

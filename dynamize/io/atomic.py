@@ -34,10 +34,14 @@ def write_json(path: Path, obj: dict) -> None:
 
 
 def check_output_dir(path: str | Path) -> None:
-    """Raise an OutputError if `path` exists as something other than a directory."""
+    """Raise an OutputError if `path` exists as something other than a directory, or if its nearest existing
+    ancestor denies this user writing (the run is written beside it and renamed in)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputError(f"output {path} exists and is not a directory; choose another -o")
+    ancestor = next(p for p in path.absolute().parents if p.exists())
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write to {ancestor} (permission denied); choose another -o")
 
 
 def write_dir(path: str | Path, write: Callable[[Path], None], keep: Callable[[Path], bool] | None = None
@@ -65,6 +69,7 @@ def write_dir(path: str | Path, write: Callable[[Path], None], keep: Callable[[P
         raise OutputError(f"cannot write to {path.parent} ({e.strerror}); choose another -o") from None
     try:
         write(tmp)
+        _as_umask_allows(tmp)
         if path.exists() and keep is not None:
             for entry in path.iterdir():
                 if entry.name != _COMPLETE and keep(entry) and not (tmp / entry.name).exists():
@@ -86,6 +91,16 @@ def write_dir(path: str | Path, write: Callable[[Path], None], keep: Callable[[P
 
 
 _COMPLETE = ".complete"
+
+
+def _as_umask_allows(root: Path) -> None:
+    """Give a directory and what was written into it the permissions of a plain `mkdir` / `open` under this process's
+    umask: `mkdtemp` and safetensors create them private (0700 / 0600), so others could not read a shared run."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root.chmod(0o777 & ~umask)
+    for entry in root.rglob("*"):
+        entry.chmod((0o777 if entry.is_dir() else 0o666) & ~umask)
 
 
 def _link(src: Path, dest: Path) -> None:

@@ -15,13 +15,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import ModelError, RunError
+from ..errors import ModelError, OutputError, RunError
 from ..graph.convert import convert
 from ..graph.plan import GatePlan
 from ..graph.rewrite import DynamicNet, rewrite
 from ..models import check_model_name, create_base
 from ..version import __version__
-from .atomic import write_dir, write_json
+from .atomic import check_output_dir, write_dir, write_json
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -278,6 +278,18 @@ def new_run_dir(name: str, root: Path = RUNS) -> Path:
     return path
 
 
+def check_unused(path: str | Path) -> None:
+    """Refuse an output directory that already holds a run: a new run written there would replace it and keep its
+    other files (checkpoints, metrics), and a fine-tune into its own input would overwrite its teacher.
+
+    Raises:
+        OutputError: `path` is a file or holds a run.
+    """
+    check_output_dir(path)
+    if (Path(path) / CONFIG).is_file():
+        raise OutputError(f"{path} already holds a run; choose another -o, or delete {path} first")
+
+
 def latest_run(root: Path = RUNS, accept: Callable[[Path], bool] = lambda p: True) -> Path:
     """The most recently written run directory under `root` (that `accept` accepts).
 
@@ -306,7 +318,10 @@ def convert_to_run(source: str, out: str | Path | None = None, *, checkpoint: Pa
 
     Raises:
         ModelError / RunError: unknown model, bad weights, or a damaged run.
+        OutputError: `out` is a file or already holds a run.
     """
+    if out is not None:
+        check_unused(out)
     kwargs = {k: v for k, v in (("num_classes", num_classes), ("in_chans", in_chans)) if v is not None}
     extra: dict[str, Any] = {}
     name = source

@@ -43,21 +43,24 @@ def cache_dir() -> Path:
 
 
 def _fashion_mnist_root(data_dir: Path | None) -> Path:
-    """A torchvision-style root (ROOT/FashionMNIST/raw/ with unpacked idx files) for the four idx files."""
-    for src in [p for p in (data_dir, DEBIAN_FASHION_MNIST) if p is not None]:
-        for base in (src, src / "FashionMNIST" / "raw"):
-            if all((base / f).is_file() or (base / f"{f}.gz").is_file() for f in _FMNIST_FILES):
-                root = cache_dir() / "fashion-mnist"
-                raw = root / "FashionMNIST" / "raw"
-                raw.mkdir(parents=True, exist_ok=True)
-                for f in _FMNIST_FILES:
-                    if not (raw / f).is_file():
-                        src_file = base / f
-                        write_file(raw / f, lambda tmp: _unpack(src_file, tmp))
-                return root
-    where = f"{data_dir} or {DEBIAN_FASHION_MNIST}" if data_dir else str(DEBIAN_FASHION_MNIST)
-    raise DataError(f"Fashion-MNIST idx files not found in {where}; `apt-get install dataset-fashion-mnist` "
-                    "(Debian) or pass --data-dir with the four idx(.gz) files")
+    """A torchvision-style root (ROOT/FashionMNIST/raw/ with unpacked idx files) for the four idx files, found in
+    `data_dir` when it is given (never elsewhere: the user asked for those files), else where Debian puts them."""
+    src = data_dir if data_dir is not None else DEBIAN_FASHION_MNIST
+    for base in (src, src / "FashionMNIST" / "raw"):
+        if all((base / f).is_file() or (base / f"{f}.gz").is_file() for f in _FMNIST_FILES):
+            root = cache_dir() / "fashion-mnist"
+            raw = root / "FashionMNIST" / "raw"
+            raw.mkdir(parents=True, exist_ok=True)
+            for f in _FMNIST_FILES:
+                if not (raw / f).is_file():
+                    src_file = base / f
+                    write_file(raw / f, lambda tmp: _unpack(src_file, tmp))
+            return root
+    if data_dir is not None:
+        raise DataError(f"Fashion-MNIST idx files not found in {data_dir} (nor in {data_dir}/FashionMNIST/raw); "
+                        f"pass the folder that holds {', '.join(_FMNIST_FILES)} (or .gz), or leave out --data-dir")
+    raise DataError(f"Fashion-MNIST idx files not found in {DEBIAN_FASHION_MNIST}; `apt-get install "
+                    "dataset-fashion-mnist` (Debian) or pass --data-dir with the four idx(.gz) files")
 
 
 def _unpack(src: Path, dest: Path) -> None:

@@ -61,7 +61,7 @@ def adaptivity(fractions: torch.Tensor, codes: torch.Tensor | None = None) -> di
     if codes is not None:
         _, counts = codes.unique(return_counts=True)
         share = counts.double() / counts.sum()
-        out.update(patterns=len(counts), pattern_entropy_bits=-(share * share.log2()).sum().item())
+        out.update(patterns=len(counts), pattern_entropy_bits=abs((share * share.log2()).sum().item()))
     out["nearly_static"] = out["spread"] < STATIC_SPREAD
     return out
 

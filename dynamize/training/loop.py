@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -28,7 +29,7 @@ from timm.task import TrainingTask
 from timm.utils import unwrap_model
 from torch import nn
 
-from ..errors import DynamizeError, RunError
+from ..errors import DynamizeError, OutputError, RunError
 from ..io.atomic import newest_complete, write_dir, write_text
 from .data import EpochSampler, loader
 from .recipe import Recipe
@@ -120,7 +121,7 @@ def _load_checkpoint(out: Path, model: nn.Module, optimizer, scheduler) -> Train
         torch.set_rng_state(tensors["__torch_rng__"])
         random.setstate(_tupled(meta["python_rng"]))
         return TrainState(**meta["progress"])
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, SafetensorError) as e:
         raise _checkpoint_error(ckpt, e) from None
 
 
@@ -140,7 +141,7 @@ def checkpoint_recipe(out: Path) -> Recipe:
     ckpt = newest_complete(out / CHECKPOINT)
     try:
         return Recipe(**json.loads((ckpt / "state.json").read_text())["recipe"]).validate()
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, SafetensorError) as e:
         raise _checkpoint_error(ckpt, e) from None
 
 
@@ -228,7 +229,10 @@ def fit(task: TrainingTask, model: nn.Module, train_ds, recipe: Recipe, out: Pat
         random.seed(recipe.seed)
     metrics_file = out / "metrics.jsonl"
     if ddp.main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"cannot write {out} ({e.strerror}); choose another -o") from None
         _rewrite_metrics(metrics_file, state.history)
 
     live = console.is_terminal and ddp.main  # a log file or CI gets one plain line per epoch instead of a bar

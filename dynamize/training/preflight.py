@@ -11,7 +11,7 @@ from ..errors import OutputError, RunError
 from ..graph.cost import smallest_budget
 from ..graph.plan import GatePlan
 from ..io.atomic import check_output_dir
-from ..io.runs import GATED, Run, check_run
+from ..io.runs import GATED, Run, check_run, check_unused
 from .data import DataSpec, Splits, datasets, num_classes
 from .loop import CHECKPOINT, checkpoint_recipe
 from .recipe import Recipe, RecipeError, default_recipe, given_keys, load_recipe
@@ -35,10 +35,11 @@ def splits(recipe: Recipe) -> Splits:
 
 
 def check_output(out: Path, resume: bool) -> None:
-    """The output must be a directory or nothing; a run in progress is continued only with `resume`.
+    """The output must be a directory or nothing; a run in progress is continued only with `resume`, and a finished
+    run (the input run itself, say) is never written over.
 
     Raises:
-        OutputError / RunError: `out` is a file, holds another run's checkpoint without `resume`, or has no
+        OutputError / RunError: `out` is a file, holds another run or its checkpoint without `resume`, or has no
             checkpoint to resume.
     """
     check_output_dir(out)
@@ -47,6 +48,8 @@ def check_output(out: Path, resume: bool) -> None:
     elif (out / CHECKPOINT).exists():
         raise OutputError(f"{out} already holds a training run (checkpoints/); continue it with --resume, or choose "
                           "another -o")
+    else:
+        check_unused(out)
 
 
 def check_reachable(plan: GatePlan, budget: float, kinds: str) -> None:
@@ -170,7 +173,7 @@ def check_calibrate(run: str | Path, budget: float, out: str | Path, data: str |
     checked = check_run(run, GATED)
     recipe = calibrate_recipe(checked, budget, data, data_dir)
     check_reachable(checked.gate_plan, budget, checked.info.get("gates_trained", recipe.gates))
-    check_output_dir(Path(out))
+    check_unused(out)
     data_splits = splits(recipe)
     classes = num_classes(data_splits.train)
     if classes != checked.num_classes:

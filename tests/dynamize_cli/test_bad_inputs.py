@@ -8,12 +8,13 @@ import struct
 import pytest
 import timm
 import torch
-from helpers import make_image_folder
+from helpers import TINY_RECIPE, make_image_folder
 from safetensors.torch import save_file
 
 from dynamize_cli.main import run
 
 CONVERT = ["convert", "test_resnet", "--no-pretrained", "--num-classes", "3", "--img-size", "32"]
+TINY_SETS = [x for kv in TINY_RECIPE for x in ("--set", kv)]  # the first four set the input size
 
 
 class _Code:
@@ -63,6 +64,10 @@ def world(tiny_runs, tmp_path_factory):
     damaged = bad / "damaged-resume"
     shutil.copytree(root / "ft", damaged)
     (damaged / "checkpoints" / "last" / "state.json").write_text("{")
+    truncated = bad / "truncated-optimizer"
+    shutil.copytree(root / "ft", truncated)
+    optimizer = truncated / "checkpoints" / "last" / "optimizer.safetensors"
+    optimizer.write_bytes(optimizer.read_bytes()[:1000])
     shutil.copytree(root / "ft", bad / "resumable")
     shutil.copytree(root / "teacher", bad / "teacher-resumable")
     make_image_folder(bad / "four-classes", classes=4, per_class=4)
@@ -70,7 +75,7 @@ def world(tiny_runs, tmp_path_factory):
     return root, data, bad
 
 
-# (argv, text the error must contain); {conv} {ft} {data} {bad} are filled in from the fixture.
+# (argv, text the error must contain); {conv} {ft} {teacher} {data} {bad} are filled in from the fixture.
 CASES = {
     "unknown model": ([*CONVERT[:1], "resnet5O", *CONVERT[2:]], "resnet50"),
     "misspelled model": ([*CONVERT[:1], "mobilenet_v2", *CONVERT[2:]], "did you mean"),
@@ -145,6 +150,21 @@ CASES = {
                                               "batch_size=8, not 4"),
     "output holds a run, no --resume": (["finetune", "{conv}", "--budget", "0.6", "--data", "{data}",
                                          "-o", "{bad}/resumable"], "--resume"),
+    "resume from a truncated optimizer state": (["finetune", "{conv}", "--budget", "0.6", "--data", "{data}",
+                                                 "-o", "{bad}/truncated-optimizer", "--resume"], "damaged"),
+    "convert onto an existing run": ([*CONVERT, "-o", "{conv}"], "already holds a run"),
+    "finetune into its own input": (["finetune", "{conv}", "--budget", "0.5", "--data", "{data}", "-o", "{conv}"],
+                                    "already holds a run"),
+    "finetune onto its teacher": (["finetune", "{conv}", "--budget", "0.5", "--data", "{data}", "-o", "{teacher}"],
+                                  "already holds a"),  # a training run (the teacher's checkpoints are there too)
+    "calibrate onto an existing run": (["calibrate", "{ft}", "--budget", "0.7", "-o", "{conv}"], "already holds a run"),
+    "cascade onto an existing run": (["cascade", "{ft}", "--budget", "0.9", "-o", "{conv}"], "already holds a run"),
+    "finetune to a read-only place": (["finetune", "{conv}", "--budget", "0.5", "--data", "{data}", "-o",
+                                       "/proc/dynamize-run", *TINY_SETS[4:]], "cannot write"),
+    "train to a read-only place": (["train", "test_resnet", "--data", "{data}", "-o", "/proc/dynamize-run",
+                                    *TINY_SETS], "cannot write"),
+    "Fashion-MNIST --data-dir without its files": (["finetune", "{conv}", "--budget", "0.5", "--data", "fashion-mnist",
+                                                    "--data-dir", "{bad}/empty-data"], "not found in"),
 }
 
 
@@ -156,7 +176,7 @@ def _snapshot(*roots):
 def test_bad_input(case, world, capsys):
     root, data, bad = world
     argv, needle = CASES[case]
-    argv = [a.format(conv=root / "conv", ft=root / "ft", data=data, bad=bad) for a in argv]
+    argv = [a.format(conv=root / "conv", ft=root / "ft", teacher=root / "teacher", data=data, bad=bad) for a in argv]
     before = _snapshot(root, bad)
     assert run(argv) == 2
     err = capsys.readouterr().err

@@ -23,8 +23,11 @@ def test_adaptive_run_shows_its_spread_without_warning():
 
 def test_static_run_is_told_so():
     console = Console(record=True, width=200)
-    print_result(console, "t", _result(0.01, True), 0.5)
-    assert "nearly static" in console.export_text()
+    result = _result(0.01, True)
+    result["eval"]["adaptivity"].update(patterns=1, pattern_entropy_bits=0.0)
+    print_result(console, "t", result, 0.5)
+    text = console.export_text()
+    assert "nearly static" in text and "1 distinct decision pattern (0.0 bits)" in text
 
 
 def test_plan_table_shows_the_smallest_budget_and_what_no_gate_controls():

@@ -60,6 +60,9 @@ def test_largest_ungated_names_the_costliest_nodes_no_gate_controls():
     plan = small_plan()  # ungated: stem (200 of 2,000 FLOPs) and fc (400)
     assert plan.largest_ungated() == "fc 20.0%, stem 10.0%"
     assert plan.largest_ungated(1) == "fc 20.0%"
+    plan.costs.append(CostItem("layer2_0_downsample_0", 600))  # named by its module path, as `skipped` names it
+    plan.skipped.append(Skipped("group", "layer2.0.downsample.0", "feeds a residual add"))
+    assert plan.largest_ungated(2) == "layer2.0.downsample.0 30.0%, fc 20.0%"
     plan.costs = [c for c in plan.costs if c.block or c.groups]
     assert plan.largest_ungated() == ""
 

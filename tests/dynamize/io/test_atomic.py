@@ -21,6 +21,18 @@ def _fill(text):
     return write
 
 
+def test_a_written_run_is_readable_as_the_umask_allows(tmp_path):
+    """Not private to its writer (mkdtemp and safetensors create 0700 / 0600), so a shared run can be read."""
+    umask = os.umask(0o022)
+    try:
+        dynamize.save(dynamize.convert("test_resnet", num_classes=3, img_size=32), tmp_path / "run")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "run").stat().st_mode & 0o777 == 0o755
+    assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "run").iterdir()} == {
+        "config.json": 0o644, "model.safetensors": 0o644}
+
+
 def test_write_dir_replaces_as_one_step_and_keeps_chosen_entries(tmp_path):
     path = tmp_path / "run"
     write_dir(path, _fill("one"))

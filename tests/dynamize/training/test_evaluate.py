@@ -34,4 +34,5 @@ def test_adaptivity_of_forced_known_decisions():
 def test_same_compute_for_every_image_is_called_nearly_static():
     a = adaptivity(torch.full((100,), 0.5) + torch.linspace(0, STATIC_SPREAD / 2, 100), torch.zeros(100))
     assert a["nearly_static"] and a["patterns"] == 1 and a["pattern_entropy_bits"] == 0
+    assert f"{a['pattern_entropy_bits']:.1f}" == "0.0"  # printed as such, not as -0.0
     assert not adaptivity(torch.linspace(0.2, 0.6, 100))["nearly_static"]
