@@ -11,6 +11,7 @@ import json
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -166,7 +167,9 @@ def resume_recipe(out: Path, asked: Recipe, keys: Iterable[str]) -> Recipe:
 
 
 class _StopFlag:
-    """Turns Ctrl-C into a request that the loop honours between steps, so the checkpoint is consistent."""
+    """Turns Ctrl-C into a request that the loop honours between steps, so the checkpoint is consistent. A step can
+    be long (a settle calibrates thresholds for minutes), so a second Ctrl-C stops at once: the run then resumes from
+    its last periodic checkpoint."""
 
     def __init__(self):
         self.requested = False
@@ -177,7 +180,11 @@ class _StopFlag:
         return self
 
     def _handle(self, *_):
+        if self.requested:
+            raise KeyboardInterrupt
         self.requested = True
+        print("dynamize: stopping after this step (a checkpoint follows); Ctrl-C again stops at once, and --resume "
+              "then starts from the last periodic checkpoint", file=sys.stderr)
 
     def __exit__(self, *exc):
         if self._old is not None:

@@ -31,26 +31,28 @@ def _recipe(folder, **kw):
 class _Interrupting(ClassificationTask):
     """A task that presses Ctrl-C before a given step, through the loop's step hook."""
 
-    def __init__(self, model, at):
+    def __init__(self, model, at, presses=1):
         super().__init__(model, verbose=False)
-        self.at = at
+        self.at, self.presses = at, presses
 
     def on_step(self, step, total):
         if self.at is not None and step == self.at:
-            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(self.presses):
+                os.kill(os.getpid(), signal.SIGINT)
 
 
 def _groups(model):
     return [{"params": list(model.parameters()), "lr": 1e-3, "weight_decay": 0.0}]
 
 
-def _train_plain(folder, out, interrupt_at=None, resume=False, console=None):
+def _train_plain(folder, out, interrupt_at=None, resume=False, console=None, presses=1):
     recipe = _recipe(folder, checkpoint_every=2)
     train, _, _ = datasets(DataSpec(recipe.data, None, SIZE, 3), recipe.calib_size)
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", num_classes=3)
 
-    fit(_Interrupting(model, interrupt_at), model, train, recipe, out, _groups(model), resume=resume, console=console)
+    fit(_Interrupting(model, interrupt_at, presses), model, train, recipe, out, _groups(model), resume=resume,
+        console=console)
     return model.state_dict()
 
 
@@ -68,6 +70,18 @@ def uninterrupted(tmp_path_factory):
     root = tmp_path_factory.mktemp("loop")
     folder = make_image_folder(root / "data")
     return folder, _train_plain(folder, root / "ref"), root / "ref"
+
+
+def test_a_second_ctrl_c_stops_at_once_and_the_run_resumes_from_its_last_periodic_checkpoint(uninterrupted,
+                                                                                            tmp_path):
+    """Inside a long step (a settle), waiting for the step to end would ignore the user for minutes."""
+    image_folder, reference, _ = uninterrupted
+    with pytest.raises(KeyboardInterrupt):
+        _train_plain(image_folder, tmp_path / "b", interrupt_at=3, presses=2)
+    state = json.loads((tmp_path / "b" / "checkpoints" / "last" / "state.json").read_text())
+    assert state["progress"]["global_step"] <= 3  # stopped before step 3 ran: no checkpoint was written after it
+    resumed = _train_plain(image_folder, tmp_path / "b", resume=True)
+    assert _same(reference, resumed)
 
 
 def test_resume_after_interrupt_matches_uninterrupted_run(uninterrupted, tmp_path):
