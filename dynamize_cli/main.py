@@ -6,6 +6,7 @@ from typer.exceptions import TyperException
 
 from dynamize.errors import DynamizeError
 from dynamize.training.loop import Interrupted
+from dynamize.version import __version__
 
 from . import bench as bench_cmds
 from . import convert as convert_cmds
@@ -15,6 +16,20 @@ from . import train as train_cmds
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Make timm CNNs input-adaptive with LC-Net layer and channel gates.")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"dynamize {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                          help="print the version and exit")) -> None:
+    """Make timm CNNs input-adaptive with LC-Net layer and channel gates."""
+
+
 convert_cmds.register(app)
 bench_cmds.register(app)
 train_cmds.register(app)

@@ -40,6 +40,8 @@ def check_output_dir(path: str | Path) -> None:
     if path.exists() and not path.is_dir():
         raise OutputError(f"output {path} exists and is not a directory; choose another -o")
     ancestor = next(p for p in path.absolute().parents if p.exists())
+    if not ancestor.is_dir():
+        raise OutputError(f"{ancestor} is a file, so {path} cannot be made; choose another -o")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write to {ancestor} (permission denied); choose another -o")
 

@@ -5,6 +5,7 @@ An image folder is evaluated on its val/, validation/ or test/ folder; without o
 out (always the same images, whatever the seed), so a model is never evaluated on images it was trained on. A
 corrupt or unreadable image stops the run with one line naming the file (rather than silently shrinking a data set).
 """
+import difflib
 import gzip
 import os
 import shutil
@@ -106,7 +107,9 @@ def _folder_splits(root: Path) -> tuple[Path, Path | None]:
             lacks, or an unreadable image.
     """
     if not root.exists():
-        raise DataError(f"data folder {root} does not exist")
+        near = difflib.get_close_matches(str(root).lower().replace("_", "-"), [FASHION_MNIST], n=1, cutoff=0.8)
+        hint = f"; did you mean --data {near[0]}?" if near and str(root) != near[0] else ""
+        raise DataError(f"data folder {root} does not exist{hint}")
     if not root.is_dir():
         raise DataError(f"data path {root} is not a folder")
     splits = {p.name: p for p in root.iterdir() if p.is_dir()}
@@ -167,6 +170,9 @@ def _raw_splits(spec: DataSpec):
         train = _folder_dataset(train_dir)
         # The training folder's class indices, so that an evaluation folder missing a class keeps the same labels.
         return train, _folder_dataset(eval_dir, class_map=train.reader.class_to_idx) if eval_dir is not None else None
+    if not spec.data_dir:
+        raise DataError(f"timm dataset {spec.name!r} needs --data-dir, the folder that holds its files (nothing is "
+                        "downloaded)")
     try:
         return tuple(create_dataset(spec.name, root=spec.data_dir, split=split, download=False)
                      for split in ("train", "validation"))

@@ -118,7 +118,8 @@ def recipe_path(name_or_path: str) -> Path:
 
 
 def _merged(name_or_path: str | Path | None, overrides: list[str] | None, values: dict) -> dict:
-    """The raw key -> value mapping of a recipe file, then `key=value` overrides, then explicit values."""
+    """The raw key -> value mapping of a recipe file, then `key=value` overrides, then explicit values (an option
+    and an override of the same key must agree)."""
     data: dict = {}
     if name_or_path is not None:
         path = recipe_path(str(name_or_path))
@@ -136,7 +137,13 @@ def _merged(name_or_path: str | Path | None, overrides: list[str] | None, values
             data[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             data[key.strip()] = raw
-    data.update({k: v for k, v in values.items() if v is not None})
+    overridden = {item.partition("=")[0].strip() for item in overrides or []}
+    for key, value in values.items():
+        if value is not None and key in overridden and data[key] != value:
+            raise RecipeError(f"--{key.replace('_', '-')} {value} and --set {key}={data[key]} disagree; give one of "
+                              "them")
+        if value is not None:
+            data[key] = value
     return data
 
 

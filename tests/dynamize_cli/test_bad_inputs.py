@@ -163,6 +163,13 @@ CASES = {
                                        "/proc/dynamize-run", *TINY_SETS[4:]], "cannot write"),
     "train to a read-only place": (["train", "test_resnet", "--data", "{data}", "-o", "/proc/dynamize-run",
                                     *TINY_SETS], "cannot write"),
+    "output under a file": ([*CONVERT, "-o", "{bad}/file/sub"], "is a file"),
+    "timm data set without --data-dir": (["finetune", "{conv}", "--budget", "0.5", "--data", "torch/cifar10"],
+                                         "needs --data-dir"),
+    "misspelled fashion-mnist": (["finetune", "{conv}", "--budget", "0.5", "--data", "fashion_mnist"],
+                                 "did you mean --data fashion-mnist"),
+    "--budget and --set budget disagree": (["finetune", "{conv}", "--budget", "0.5", "--set", "budget=0.3"],
+                                           "disagree"),
     "Fashion-MNIST --data-dir without its files": (["finetune", "{conv}", "--budget", "0.5", "--data", "fashion-mnist",
                                                     "--data-dir", "{bad}/empty-data"], "not found in"),
 }

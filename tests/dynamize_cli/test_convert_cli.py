@@ -5,6 +5,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from dynamize.version import __version__
 from dynamize_cli.main import run
 
 ARGS = ["--no-pretrained", "--num-classes", "4", "--img-size", "32"]
@@ -68,3 +69,8 @@ def test_convert_refuses_an_unknown_channel_mode_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--channel-mode must be one of channel, width" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_version_is_printed(capsys):
+    assert run(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"dynamize {__version__}"

@@ -34,6 +34,12 @@ def test_bad_overrides_name_the_key(override, key):
         load_recipe("fashion-mnist-resnet18", override)
 
 
+def test_an_option_and_an_override_of_the_same_key_must_agree():
+    with pytest.raises(RecipeError, match="--budget 0.5 and --set budget=0.3 disagree"):
+        load_recipe("fashion-mnist-resnet18", ["budget=0.3"], budget=0.5)
+    assert load_recipe("fashion-mnist-resnet18", ["budget=0.50"], budget=0.5).budget == 0.5
+
+
 def test_every_numeric_recipe_key_has_a_range():
     numeric = {f.name for f in fields(Recipe)
                if {int, float} & set(getattr(f.type, "__args__", (f.type,)))}
