@@ -209,7 +209,10 @@ def _why_not(g: Graph, node: fx.Node) -> str:
         return "feeds the classifier"
     if ops.role(g.gm, node) is Role.CHANNELWISE:
         return f"feeds `{node.name}` beside other layers (parallel paths that normalise it)"
-    return f"feeds `{node.name}`{f' ({type(m).__name__})' if m is not None else ''}, which mixes channels"
+    # Named by the op, not the node, so that the same op repeated (`mul`, `mul_1`, ...) is one reason.
+    op = getattr(node.target, "__name__", node.target)
+    what = f"`{node.name}` ({type(m).__name__})" if m is not None else f"`{op}`"
+    return f"feeds {what}, which dynamize cannot follow channel by channel (it may mix channels)"
 
 
 def _follow(g: Graph, producer: fx.Node, axis: int, channels: int, adds: dict[fx.Node, fx.Node],
