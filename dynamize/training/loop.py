@@ -183,8 +183,9 @@ class _StopFlag:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("dynamize: stopping after this step (a checkpoint follows); Ctrl-C again stops at once, and --resume "
-              "then starts from the last periodic checkpoint", file=sys.stderr)
+        if sys.stderr.isatty():  # someone is waiting at a terminal; a log keeps its one line per interruption
+            print("dynamize: stopping after this step (a checkpoint follows); Ctrl-C again stops at once, and "
+                  "--resume then starts from the last periodic checkpoint", file=sys.stderr)
 
     def __exit__(self, *exc):
         if self._old is not None:
