@@ -19,12 +19,13 @@ from .tables import print_result
 RECIPE_HELP = "recipe name (in recipes/) or path to a YAML file"
 
 
-def _interrupted_train_run(model: str) -> Path:
-    """The most recent run under runs/ that `dynamize train MODEL` started by default and did not finish."""
+def _resumable_train_run(model: str) -> Path:
+    """The run under runs/ that `dynamize train MODEL` wrote last by default (its output, runs/MODEL-base*), with a
+    checkpoint to resume from; a run of another kind is never taken for it."""
     runs = [p for p in RUNS.glob(f"{model}-base*") if (p / CHECKPOINT).is_dir()]
     if not runs:
-        raise RunError(f"no unfinished `dynamize train {model}` run under {RUNS}/ to resume; pass its directory "
-                       "with -o")
+        raise RunError(f"no `dynamize train {model}` run with a checkpoint under {RUNS}/ to resume; pass its "
+                       "directory with -o")
     return max(runs, key=lambda p: (p / CHECKPOINT).stat().st_mtime)
 
 
@@ -44,7 +45,7 @@ def train(
     overrides = [*(sets or []), *(overrides or [])]
     asked = dict(model=model, data=data, data_dir=data_dir)
     r = load_recipe(recipe, overrides, **asked)
-    out = output or (_interrupted_train_run(model) if resume else new_run_dir(f"{model}-base"))
+    out = output or (_resumable_train_run(model) if resume else new_run_dir(f"{model}-base"))
     if resume:
         r = resume_recipe(out, r, given_keys(recipe, overrides, **asked))
     console = Console()

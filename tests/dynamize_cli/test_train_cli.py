@@ -76,14 +76,13 @@ def test_cascade_spends_the_budget_on_escalations_and_is_rebuilt(tiny_runs, caps
 
 
 
-def test_train_resume_without_output_continues_an_unfinished_train_run_only(tiny_runs, tmp_path, monkeypatch,
-                                                                            capsys):
+def test_train_resume_without_output_continues_a_train_run_only(tiny_runs, tmp_path, monkeypatch, capsys):
     """A newer run of another kind under runs/ is not taken for the train run to continue."""
     root, data = tiny_runs
     monkeypatch.chdir(tmp_path)
     shutil.copytree(root / "ft", tmp_path / "runs" / "ft")  # a fine-tuned run, with its checkpoint
     assert run(["train", "test_resnet", "--data", str(data), "--resume"]) == 2
-    assert "no unfinished `dynamize train test_resnet` run under runs/" in capsys.readouterr().err
+    assert "no `dynamize train test_resnet` run with a checkpoint under runs/" in capsys.readouterr().err
     shutil.copytree(root / "teacher", tmp_path / "runs" / "test_resnet-base")
     (tmp_path / "runs" / "ft" / "checkpoints" / "last" / "state.json").touch()  # newer than the train run's
     assert run(["train", "test_resnet", "--data", str(data), "--resume"]) == 0
