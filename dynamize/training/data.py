@@ -170,13 +170,13 @@ def _raw_splits(spec: DataSpec):
         train = _folder_dataset(train_dir)
         # The training folder's class indices, so that an evaluation folder missing a class keeps the same labels.
         return train, _folder_dataset(eval_dir, class_map=train.reader.class_to_idx) if eval_dir is not None else None
-    if not spec.data_dir:
-        raise DataError(f"timm dataset {spec.name!r} needs --data-dir, the folder that holds its files (nothing is "
-                        "downloaded)")
     try:
         return tuple(create_dataset(spec.name, root=spec.data_dir, split=split, download=False)
                      for split in ("train", "validation"))
     except Exception as e:  # timm's dataset back-ends raise their own error types
+        if not spec.data_dir:  # some back-ends find their own cache; the others need the folder
+            raise DataError(f"timm dataset {spec.name!r} needs --data-dir, the folder that holds its files (nothing "
+                            f"is downloaded; {str(e)[:120]})") from None
         raise DataError(f"timm cannot open dataset {spec.name!r} in {spec.data_dir} ({str(e)[:120]})") from None
 
 

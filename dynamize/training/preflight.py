@@ -42,8 +42,8 @@ def check_output(out: Path, resume: bool) -> None:
         OutputError / RunError: `out` is a file, holds another run or its checkpoint without `resume`, or has no
             checkpoint to resume.
     """
-    check_output_dir(out)
     if resume:
+        check_output_dir(out)
         checkpoint_recipe(out)
     elif (out / CHECKPOINT).exists():
         raise OutputError(f"{out} already holds a training run (checkpoints/); continue it with --resume, or choose "
