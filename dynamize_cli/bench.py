@@ -63,8 +63,8 @@ def bench(
                                                "timm dataset name, or an image folder) instead of random ones"),
     batch_size: list[int] = typer.Option([1, 32], "--batch-size", "-b", help="batch size (repeatable)",
                                          callback=in_range("batch_size")),
-    img_size: int | None = typer.Option(None, help="square input size (default: the plan's)",
-                                        callback=in_range("img_size")),
+    img_size: int | None = typer.Option(None, help="square input size of a model name (default: timm's); a run is "
+                                                   "timed at its own", callback=in_range("img_size")),
     threads: int | None = typer.Option(None, help="torch threads (default: torch's)", callback=in_range("threads")),
     repeats: int = typer.Option(10, help="timed passes per model and configuration", callback=in_range("repeats")),
     warmup: int = typer.Option(2, help="untimed passes first", callback=in_range("warmup")),

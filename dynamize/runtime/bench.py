@@ -247,22 +247,25 @@ def open_target(target: str, fraction: float | None, img_size: int | None, profi
     Args:
         target: a run directory (learned decisions) or a timm model name (random weights; needs `fraction`).
         fraction: the FLOPs fraction random decisions will be forced to, if any.
-        img_size: square input size; default: the size the plan counts FLOPs at.
+        img_size: square input size of a model name; default: the size the plan counts FLOPs at. A run is timed at
+            its plan's size, the size its FLOPs fractions are counted at.
         profitable_only: convert a model name without the channel gates that cannot pay for themselves (see
             `dynamize.graph.convert.plan_model`); a run keeps the gates it was trained with.
         channel_mode: how a model name's C-Nets keep channels, "channel" or "width" (a run keeps its own).
 
     Raises:
-        DynamizeError: not a run directory, unknown model name, a model name without `fraction`, or a bad fraction.
+        DynamizeError: not a run directory, unknown model name, a model name without `fraction`, a bad fraction, or
+            a run with an `img_size` other than its own.
     """
     if fraction is not None:
         check_fraction(fraction)
     path = Path(target)
     if path.is_dir() and CASCADE in read_config(path)["dynamize"]:
         cascade = load_cascade(path)
-        return cascade, cascade.original, img_size or cascade.plan.input_size[-1]
+        return cascade, cascade.original, _run_size(target, cascade.plan, img_size)
     if path.is_dir():
         net = load(path)
+        img_size = _run_size(target, net.plan, img_size)
     elif path.exists():
         raise RunError(f"{target} is a file, not a run directory (a folder with config.json and model.safetensors)")
     else:
@@ -275,6 +278,21 @@ def open_target(target: str, fraction: float | None, img_size: int | None, profi
     dense = create_base(plan.architecture, num_classes=net.num_classes, in_chans=plan.input_size[0])
     dense.load_state_dict(net.base_state_dict(), strict=True)
     return net.eval(), dense, img_size or plan.input_size[-1]
+
+
+def _run_size(target: str, plan: GatePlan, img_size: int | None) -> int:
+    """The input size a run is timed at: its plan's. At another size the timings would no longer match the FLOPs
+    fractions and ideal speedups the plan counts (nor the images its gates learned on), so it is refused rather than
+    honoured.
+
+    Raises:
+        DynamizeError: `img_size` is given and is not the plan's.
+    """
+    size = plan.input_size[-1]
+    if img_size is not None and img_size != size:
+        raise DynamizeError(f"{target} is a run at {size} px (its FLOPs fractions are counted at that size), not "
+                            f"--img-size {img_size}; leave out --img-size to time it at {size} px")
+    return size
 
 
 def write_results(path: Path, results: Sequence[BenchResult]) -> None:

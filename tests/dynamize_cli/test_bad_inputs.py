@@ -170,6 +170,9 @@ CASES = {
                                  "did you mean --data fashion-mnist"),
     "--budget and --set budget disagree": (["finetune", "{conv}", "--budget", "0.5", "--set", "budget=0.3"],
                                            "disagree"),
+    "bench a run at another input size": (["bench", "{ft}", "--img-size", "64"], "a run at 32 px"),
+    "bench a run on test images at another input size": (["bench", "{ft}", "--data", "{data}", "--img-size", "64"],
+                                                         "leave out --img-size"),
     "Fashion-MNIST --data-dir without its files": (["finetune", "{conv}", "--budget", "0.5", "--data", "fashion-mnist",
                                                     "--data-dir", "{bad}/empty-data"], "not found in"),
 }
