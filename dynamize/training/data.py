@@ -16,7 +16,7 @@ from typing import NamedTuple, cast
 
 import torch
 from PIL import Image
-from timm.data import create_dataset, create_transform
+from timm.data import create_dataset, create_transform, dataset_factory
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from ..errors import DynamizeError
@@ -28,6 +28,9 @@ _FMNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-ima
                  "t10k-labels-idx1-ubyte")
 _FMNIST_STATS = ((0.2860,), (0.3530,))
 _TIMM_PREFIXES = ("torch", "hfds", "hfids", "tfds", "wds")  # timm dataset names look like torch/cifar10
+# The torchvision data sets that timm opens as torch/NAME from their folder alone, from timm's own table; it is
+# private, so a timm without it costs only the hint that a bare `--data cifar10` means torch/cifar10.
+_TORCH_DATASETS = tuple(getattr(dataset_factory, "_TORCH_BASIC_DS", ()))
 _VERIFY_LIMIT = 50_000
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 TRAIN_SPLITS = ("train", "training")
@@ -107,9 +110,7 @@ def _folder_splits(root: Path) -> tuple[Path, Path | None]:
             lacks, or an unreadable image.
     """
     if not root.exists():
-        near = difflib.get_close_matches(str(root).lower().replace("_", "-"), [FASHION_MNIST], n=1, cutoff=0.8)
-        hint = f"; did you mean --data {near[0]}?" if near and str(root) != near[0] else ""
-        raise DataError(f"data folder {root} does not exist{hint}")
+        raise DataError(f"data folder {root} does not exist{_data_hint(str(root))}")
     if not root.is_dir():
         raise DataError(f"data path {root} is not a folder")
     splits = {p.name: p for p in root.iterdir() if p.is_dir()}
@@ -134,6 +135,20 @@ def _folder_splits(root: Path) -> tuple[Path, Path | None]:
                             "a model cannot learn a class it never sees")
     _verify_images([f for by_class in classes.values() for files in by_class.values() for f in files])
     return train, evaluation
+
+
+def _data_hint(name: str) -> str:
+    """"; did you mean --data X?" for a missing data folder whose name is close to fashion-mnist, or is a data set
+    that timm names torch/NAME (cifar10, CIFAR-100, mnist, ...); else ""."""
+    key = name.lower().replace("_", "-")
+    near = difflib.get_close_matches(key, [FASHION_MNIST], n=1, cutoff=0.8)
+    if near:
+        return f"; did you mean --data {near[0]}?" if name != near[0] else ""
+    # Only the same name in another spelling: a near miss of a short name is often another data set (emnist, qmnist).
+    torch_name = {n.replace("_", ""): n for n in _TORCH_DATASETS}.get(key.replace("-", ""))
+    if torch_name:
+        return f"; did you mean --data torch/{torch_name} (with --data-dir, the folder that holds its files)?"
+    return ""
 
 
 def _verify_images(files) -> None:

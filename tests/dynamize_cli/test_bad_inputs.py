@@ -168,6 +168,8 @@ CASES = {
                                          "needs --data-dir"),
     "misspelled fashion-mnist": (["finetune", "{conv}", "--budget", "0.5", "--data", "fashion_mnist"],
                                  "did you mean --data fashion-mnist"),
+    "timm data set without its torch/ prefix": (["finetune", "{conv}", "--budget", "0.5", "--data", "cifar10"],
+                                                "did you mean --data torch/cifar10 (with --data-dir"),
     "--budget and --set budget disagree": (["finetune", "{conv}", "--budget", "0.5", "--set", "budget=0.3"],
                                            "disagree"),
     "bench a run at another input size": (["bench", "{ft}", "--img-size", "64"], "a run at 32 px"),

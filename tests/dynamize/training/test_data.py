@@ -91,3 +91,19 @@ def test_an_evaluation_subset_is_the_first_images_and_is_reported_as_such(tmp_pa
     held = datasets(_spec(make_image_folder(tmp_path / "h", per_class=20, splits=("train",))), eval_subset=10)
     assert len(held.evaluation) == 10
     assert "(the first 10 of 15) (evaluation images held out from train/" in held.describe()
+
+
+@pytest.mark.parametrize("name, hint", [
+    ("cifar10", "did you mean --data torch/cifar10 (with --data-dir"),
+    ("CIFAR-100", "did you mean --data torch/cifar100 (with --data-dir"),
+    ("mnist", "did you mean --data torch/mnist (with --data-dir"),
+    ("fashion_mnist", "did you mean --data fashion-mnist?"),
+    ("emnist", None),  # not a near miss of mnist: timm has no torch/emnist
+])
+def test_a_missing_folder_named_as_a_known_data_set_suggests_its_name(tmp_path, monkeypatch, name, hint):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as e:
+        eval_dataset(DataSpec(name, None, 32, 3))
+    message = str(e.value)
+    assert message.startswith(f"data folder {name} does not exist")
+    assert (hint in message) if hint else "did you mean" not in message
