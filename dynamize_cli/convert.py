@@ -11,7 +11,8 @@ from .tables import print_plan
 
 
 def convert(
-    model: str = typer.Argument(..., help="timm model name (e.g. resnet50) or a run directory of `dynamize train`"),
+    model: str = typer.Argument(..., metavar="MODEL|RUN", help="timm model name (e.g. resnet50) or a run directory "
+                                                             "of `dynamize train`"),
     output: Path | None = typer.Option(None, "-o", "--output", help="run directory (default: runs/MODEL)"),
     checkpoint: Path | None = typer.Option(None, help=".safetensors (or .pth/.pt state dict) for the base model"),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="timm's pretrained weights"),
@@ -41,7 +42,7 @@ def convert(
     console.print(f"wrote [bold]{out}[/bold]")
 
 
-def inspect(run: Path = typer.Argument(..., help="run directory")) -> None:
+def inspect(run: Path = typer.Argument(..., metavar="RUN", help="run directory")) -> None:
     """Print the gate plan of a saved run (its config and weights are checked, the tensors are not loaded)."""
     checked = check_run(run)
     console = Console()

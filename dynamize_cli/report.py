@@ -46,7 +46,8 @@ def _print_run(entry: dict, console: Console) -> None:
 
 
 def report(
-    runs: list[Path] | None = typer.Argument(None, help="run directories (default: the most recent run)"),
+    runs: list[Path] | None = typer.Argument(None, metavar="RUN", help="run directories (default: the most recent "
+                                                                      "run)"),
     data: str | None = typer.Option(None, help="data set (default: the one each run was fine-tuned on): "
                                                   "fashion-mnist, a timm dataset name, or an image folder"),
     data_dir: str | None = typer.Option(None, help="where the data set's files are"),

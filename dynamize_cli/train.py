@@ -30,7 +30,7 @@ def _resumable_train_run(model: str) -> Path:
 
 
 def train(
-    model: str = typer.Argument(..., help="timm model name"),
+    model: str = typer.Argument(..., metavar="MODEL", help="timm model name"),
     data: str | None = typer.Option(None, help="fashion-mnist, a timm dataset name, or an image folder"),
     data_dir: str | None = typer.Option(None, help="where the data set's files are"),
     recipe: str | None = typer.Option(None, help=RECIPE_HELP),
@@ -39,7 +39,7 @@ def train(
     output: Path | None = typer.Option(None, "-o", "--output", help="run directory (default: runs/MODEL-base)"),
     resume: bool = typer.Option(False, help="continue from the run's last checkpoint"),
     sets: list[str] | None = typer.Option(None, "--set", help="recipe override key=value (repeatable)"),
-    overrides: list[str] | None = typer.Argument(None, help="more recipe overrides, key=value"),
+    overrides: list[str] | None = typer.Argument(None, metavar="KEY=VALUE", help="more recipe overrides"),
 ) -> None:
     """Fit a plain timm model on a data set (a teacher, when no pretrained weights are at hand)."""
     overrides = [*(sets or []), *(overrides or [])]
@@ -56,7 +56,8 @@ def train(
 
 
 def finetune(
-    run: Path | None = typer.Argument(None, help="converted run directory (default: the most recent run)"),
+    run: Path | None = typer.Argument(None, metavar="RUN", help="converted run directory (default: the most recent "
+                                                                "run)"),
     budget: float = typer.Option(..., help="target fraction of the original FLOPs, 0 < B <= 1",
                                  callback=in_range("budget")),
     data: str | None = typer.Option(None, help="fashion-mnist, a timm dataset name, or an image folder (default: "
@@ -85,7 +86,7 @@ def finetune(
 
 
 def calibrate(
-    run: Path = typer.Argument(..., help="fine-tuned run directory"),
+    run: Path = typer.Argument(..., metavar="RUN", help="fine-tuned run directory"),
     budget: float = typer.Option(..., help="new target fraction of the original FLOPs, 0 < B <= 1",
                                  callback=in_range("budget")),
     data: str | None = typer.Option(None, help="data set (default: the one the run was trained on)"),
@@ -101,7 +102,7 @@ def calibrate(
 
 
 def cascade(
-    run: Path = typer.Argument(..., help="fine-tuned run directory"),
+    run: Path = typer.Argument(..., metavar="RUN", help="fine-tuned run directory"),
     budget: float = typer.Option(..., help="mean fraction of the original FLOPs for the gated network and the "
                                            "escalations together, above the run's own, <= 1",
                                  callback=in_range("budget")),

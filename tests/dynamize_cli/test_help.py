@@ -1,0 +1,19 @@
+"""`--help` of every command reads alike: the same placeholders for the same things, the same short options for
+the same options, and a one-line summary in the command list."""
+import re
+
+import pytest
+import typer
+
+from dynamize_cli.main import app, run
+
+COMMANDS = typer.main.get_command(app).commands
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_usage_names_arguments_in_capitals(name, capsys):
+    """MODEL, RUN, KEY=VALUE: the words the option help uses (runs/MODEL, RUN-bB), in every command's usage line."""
+    assert run([name, "--help"]) == 0
+    usage = next(line for line in capsys.readouterr().out.splitlines() if "Usage:" in line)
+    placeholders = [re.sub(r"[][{}.]", "", word) for word in usage.split("[OPTIONS]", 1)[1].split()]
+    assert all(p and p == p.upper() for p in placeholders), usage
