@@ -13,7 +13,8 @@ _COUNT = 2**31 - 1  # counts of images or steps: anything a data set can hold
 
 
 class RangeError(DynamizeError):
-    """A number outside its range, or a value that is not a number where one is expected."""
+    """A number outside its range, a value that is not a number where one is expected, or a word that is not one of
+    an option's choices."""
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,10 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from dynamize.graph.plan import CHANNEL_MODES, GATE_KINDS
 from dynamize.io.runs import check_run, convert_to_run
 
-from .options import in_range
+from .options import in_range, one_of
 from .tables import print_plan
 
 
@@ -21,11 +22,12 @@ def convert(
     in_chans: int | None = typer.Option(None, help="input channels (default: timm's)", callback=in_range("in_chans")),
     img_size: int | None = typer.Option(None, help="input size FLOPs are counted at (default: timm's)",
                                         callback=in_range("img_size")),
-    gates: str = typer.Option("both", help="both | layer | channel"),
+    gates: str = typer.Option("both", help="both | layer | channel", callback=one_of(GATE_KINDS)),
     profitable_only: bool = typer.Option(False, "--profitable-only", help="leave out the channel gates that cannot "
                                          "pay for themselves in wall-clock time at --img-size (listed as skipped)"),
     channel_mode: str = typer.Option("channel", help="channel (a C-Net keeps any channels) | width (channels ordered "
-                                     "by importance, a C-Net keeps a prefix at one of a few widths: no gathers)"),
+                                     "by importance, a C-Net keeps a prefix at one of a few widths: no gathers)",
+                                     callback=one_of(CHANNEL_MODES)),
     residual_outputs: bool = typer.Option(False, "--residual-outputs", help="also gate the output channels of the "
                                           "layer that ends each residual branch (the shortcut passes the dropped "
                                           "channels on); measured to help ResNet-18 near its smallest reachable "

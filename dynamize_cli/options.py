@@ -1,10 +1,11 @@
-"""Numeric options checked against the one table of ranges (`dynamize.ranges`) while the command line is parsed,
-so that a bad value fails with one line before a command does any work."""
-from collections.abc import Callable
+"""Numeric options checked against the one table of ranges (`dynamize.ranges`), and options with a few allowed
+words checked against them, while the command line is parsed, so that a bad value fails with one line before a
+command does any work."""
+from collections.abc import Callable, Sequence
 
 import typer
 
-from dynamize.ranges import check
+from dynamize.ranges import RangeError, check
 
 
 def in_range(key: str) -> Callable:
@@ -14,6 +15,17 @@ def in_range(key: str) -> Callable:
         for v in value if isinstance(value, (list, tuple)) else [value]:
             if v is not None:
                 check(key, v, name)
+        return value
+
+    return callback
+
+
+def one_of(choices: Sequence[str]) -> Callable:
+    """A Typer callback that refuses a value outside `choices`, worded as the range checks are, so that an option
+    that several commands share (`--gates`) is refused alike by all of them."""
+    def callback(param: typer.CallbackParam, value):
+        if value is not None and value not in choices:
+            raise RangeError(f"{param.opts[0]} must be one of {', '.join(choices)}, not {value!r}")
         return value
 
     return callback

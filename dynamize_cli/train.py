@@ -5,6 +5,7 @@ import typer
 from rich.console import Console
 
 from dynamize.errors import RunError
+from dynamize.graph.plan import GATE_KINDS
 from dynamize.io.runs import GATED, RUNS, check_run, latest_run, new_run_dir
 from dynamize.training.jobs import cascade as cascade_job
 from dynamize.training.jobs import finetune as finetune_job
@@ -13,7 +14,7 @@ from dynamize.training.loop import CHECKPOINT, resume_recipe
 from dynamize.training.preflight import finetune_recipe
 from dynamize.training.recipe import given_keys, load_recipe
 
-from .options import in_range
+from .options import in_range, one_of
 from .tables import print_result
 
 RECIPE_HELP = "recipe name (in recipes/) or path to a YAML file"
@@ -65,7 +66,8 @@ def finetune(
     data_dir: str | None = typer.Option(None, help="where the data set's files are"),
     recipe: str | None = typer.Option(None, help=RECIPE_HELP + " (default: the one that fits the run's model, data "
                                                  "and input size)"),
-    gates: str | None = typer.Option(None, help="train only layer | channel gates, or both"),
+    gates: str | None = typer.Option(None, help="train only layer | channel gates, or both",
+                                     callback=one_of(GATE_KINDS)),
     output: Path | None = typer.Option(None, "-o", "--output", help="run directory (default: RUN-bB)"),
     resume: bool = typer.Option(False, help="continue from the output run's last checkpoint"),
     overrides: list[str] | None = typer.Option(None, "--set", help="recipe override key=value (repeatable)"),

@@ -132,6 +132,10 @@ CASES = {
     "class count of zero": ([*CONVERT[:4], "0"], "--num-classes"),
     "negative class count": ([*CONVERT[:4], "-3"], "--num-classes"),
     "input size of zero": ([*CONVERT, "--img-size", "0"], "--img-size"),
+    "convert --gates of no kind": (["convert", "test_resnet", "--gates", "foo"],  # refused before fetching weights
+                                   "--gates must be one of both, layer, channel, not 'foo'"),
+    "finetune --gates of no kind": (["finetune", "{conv}", "--budget", "0.5", "--gates", "foo"],
+                                    "--gates must be one of both, layer, channel, not 'foo'"),
     "output is a file": ([*CONVERT, "-o", "{bad}/file"], "not a directory"),
     "output on a read-only place": ([*CONVERT, "-o", "/proc/dynamize-run"], "cannot write"),
     "resume without a checkpoint": (["finetune", "{conv}", "--budget", "0.5", "--data", "{data}", "-o", "{bad}/new",
