@@ -90,8 +90,10 @@ def bench(
                             images_name=data or "random")
     decisions = "learned decisions" if fraction is None else f"random decisions at FLOPs fraction {fraction}"
     on = f"test images of {data}" if data else "random images"
-    console.print(results_table(results, f"dynamize bench: {decisions}, {on}, {size}px, {torch.get_num_threads()} "
-                                         f"threads, {repeats} passes"))
+    used = torch.get_num_threads()
+    console.print(results_table(results, f"dynamize bench: {decisions}, {on}, {size}px, {used} "
+                                         f"{'thread' if used == 1 else 'threads'}, {repeats} "
+                                         f"{'pass' if repeats == 1 else 'passes'}"))
     if json_out is not None:
         write_results(json_out, results)
         console.print(f"wrote [bold]{json_out}[/bold]")

@@ -27,6 +27,13 @@ def test_bench_model_with_fraction_writes_json(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # no temporary file left behind
 
 
+@pytest.mark.parametrize("repeats, counts", [("1", "1 thread, 1 pass"), ("2", "1 thread, 2 passes")])
+def test_bench_title_counts_threads_and_passes(repeats, counts, capsys):
+    assert run(["bench", "test_resnet", "--fraction", "0.6", "-b", "1", *FAST, "--repeats", repeats]) == 0
+    title = " ".join(capsys.readouterr().out.split())  # the title wraps on a narrow terminal
+    assert f"32px, {counts} " in title
+
+
 def test_bench_run_directory_uses_learned_decisions(tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert run(["convert", "test_resnet", "--no-pretrained", "--num-classes", "3", "--img-size", "32",
