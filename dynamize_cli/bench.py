@@ -61,7 +61,7 @@ def bench(
                                           callback=in_range("fraction")),
     data: str | None = typer.Option(None, help="time on images of this data set's test split (fashion-mnist, a "
                                                "timm dataset name, or an image folder) instead of random ones"),
-    batch_size: list[int] = typer.Option([1, 32], "--batch-size", "-b", help="batch size (repeatable)",
+    batch_size: list[int] = typer.Option([1, 32], "--batch-size", help="batch size (repeatable)",
                                          callback=in_range("batch_size")),
     img_size: int | None = typer.Option(None, help="square input size of a model name (default: timm's); a run is "
                                                    "timed at its own", callback=in_range("img_size")),

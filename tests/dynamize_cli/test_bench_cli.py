@@ -10,7 +10,8 @@ FAST = ["--img-size", "32", "--repeats", "3", "--warmup", "0", "--threads", "1"]
 
 def test_bench_model_with_fraction_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert run(["bench", "test_resnet", "--fraction", "0.6", "-b", "1", "-b", "2", *FAST, "--json", str(out)]) == 0
+    assert run(["bench", "test_resnet", "--fraction", "0.6", "--batch-size", "1", "--batch-size", "2", *FAST,
+                "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "speedup" in printed and "ideal" in printed and "FLOPs fraction 0.6" in printed
     results = json.loads(out.read_text())["results"]
@@ -29,7 +30,7 @@ def test_bench_model_with_fraction_writes_json(tmp_path, capsys):
 
 @pytest.mark.parametrize("repeats, counts", [("1", "1 thread, 1 pass"), ("2", "1 thread, 2 passes")])
 def test_bench_title_counts_threads_and_passes(repeats, counts, capsys):
-    assert run(["bench", "test_resnet", "--fraction", "0.6", "-b", "1", *FAST, "--repeats", repeats]) == 0
+    assert run(["bench", "test_resnet", "--fraction", "0.6", "--batch-size", "1", *FAST, "--repeats", repeats]) == 0
     title = " ".join(capsys.readouterr().out.split())  # the title wraps on a narrow terminal
     assert f"32px, {counts} " in title
 
@@ -39,7 +40,7 @@ def test_bench_run_directory_uses_learned_decisions(tmp_path, capsys):
     assert run(["convert", "test_resnet", "--no-pretrained", "--num-classes", "3", "--img-size", "32",
                 "-o", str(run_dir)]) == 0
     capsys.readouterr()
-    assert run(["bench", str(run_dir), "-b", "1", *FAST]) == 0
+    assert run(["bench", str(run_dir), "--batch-size", "1", *FAST]) == 0
     assert "learned decisions" in capsys.readouterr().out
 
 
@@ -48,7 +49,8 @@ def test_bench_times_learned_decisions_on_test_images(tmp_path, image_folder, ca
     assert run(["convert", "test_resnet", "--no-pretrained", "--num-classes", "3", "--img-size", "32",
                 "-o", str(run_dir)]) == 0
     capsys.readouterr()
-    assert run(["bench", str(run_dir), "--data", str(image_folder), "-b", "2", *FAST, "--json", str(out)]) == 0
+    assert run(["bench", str(run_dir), "--data", str(image_folder), "--batch-size", "2", *FAST,
+                "--json", str(out)]) == 0
     assert "test images of" in capsys.readouterr().out
     (result,) = json.loads(out.read_text())["results"]
     assert (result["decisions"], result["images"]) == ("learned", str(image_folder))
@@ -62,12 +64,12 @@ def test_bench_times_learned_decisions_on_test_images(tmp_path, image_folder, ca
     (["test_resnet", "--fraction", "0.01"], "every gate closed"),
 ])
 def test_bench_bad_input_is_one_line(args, message, capsys):
-    assert run(["bench", *args, "-b", "1", *FAST]) == 2
+    assert run(["bench", *args, "--batch-size", "1", *FAST]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("dynamize: error:") and message in err
 
 
 def test_bench_file_is_not_a_run_directory(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
-    assert run(["bench", str(tmp_path / "file"), "-b", "1", *FAST]) == 2
+    assert run(["bench", str(tmp_path / "file"), "--batch-size", "1", *FAST]) == 2
     assert "not a run directory" in capsys.readouterr().err

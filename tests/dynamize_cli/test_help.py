@@ -1,6 +1,7 @@
 """`--help` of every command reads alike: the same placeholders for the same things, the same short options for
 the same options, and a one-line summary in the command list."""
 import re
+from collections import defaultdict
 
 import pytest
 import typer
@@ -17,3 +18,15 @@ def test_usage_names_arguments_in_capitals(name, capsys):
     usage = next(line for line in capsys.readouterr().out.splitlines() if "Usage:" in line)
     placeholders = [re.sub(r"[][{}.]", "", word) for word in usage.split("[OPTIONS]", 1)[1].split()]
     assert all(p and p == p.upper() for p in placeholders), usage
+
+
+def test_an_option_has_the_same_short_form_in_every_command():
+    """A short option learned on one command works, or is refused, alike on the others: bench alone had -b for
+    --batch-size, which report also takes."""
+    short = defaultdict(set)
+    for command in COMMANDS.values():
+        for p in command.params:
+            if p.param_type_name == "option":
+                long = next(o for o in p.opts if o.startswith("--"))
+                short[long].add(tuple(sorted(o for o in p.opts if not o.startswith("--"))))
+    assert {long: forms for long, forms in short.items() if len(forms) > 1} == {}

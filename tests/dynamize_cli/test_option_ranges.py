@@ -50,8 +50,8 @@ def base(tiny_runs, tmp_path_factory):
     sets = [x for kv in TINY_RECIPE for x in ("--set", kv)]
     argv = {
         "convert": ["convert", "test_resnet", "--no-pretrained", "--num-classes", "3", "--img-size", "32"],
-        "bench": ["bench", "test_resnet", "--fraction", "0.5", "-b", "1", "--img-size", "32", "--repeats", "1",
-                  "--warmup", "0", "--threads", "1", "--json", str(out / "bench.json")],
+        "bench": ["bench", "test_resnet", "--fraction", "0.5", "--batch-size", "1", "--img-size", "32",
+                  "--repeats", "1", "--warmup", "0", "--threads", "1", "--json", str(out / "bench.json")],
         "report": ["report", str(root / "ft"), "--data", str(data), "--limit", "4", "--batch-size", "4"],
         "finetune": ["finetune", str(root / "conv"), "--budget", "0.6", "--data", str(data), *sets],
         "calibrate": ["calibrate", str(root / "ft"), "--budget", "0.6"],

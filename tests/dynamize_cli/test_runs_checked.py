@@ -24,7 +24,7 @@ COMMANDS = {
     "cascade": ("ft", ["cascade", "{run}", "--budget", "1.0", "-o", "{out}"]),
     "report": ("ft", ["report", "{run}", "--data", "{data}", "-o", "{out}"]),
     "report --static": ("ft", ["report", "{run}", "--static", "-o", "{out}"]),
-    "bench": ("ft", ["bench", "{run}", "-b", "1", "--repeats", "1", "--warmup", "0", "--json", "{out}"]),
+    "bench": ("ft", ["bench", "{run}", "--batch-size", "1", "--repeats", "1", "--warmup", "0", "--json", "{out}"]),
     "convert": ("teacher", ["convert", "{run}", "-o", "{out}"]),
     "train --checkpoint": ("teacher", ["train", "test_resnet", "--checkpoint", "{run}", "--data", "{data}",
                                        "-o", "{out}", "img_size=32", "in_chans=3", "calib_size=6"]),

@@ -70,7 +70,7 @@ def test_cascade_spends_the_budget_on_escalations_and_is_rebuilt(tiny_runs, caps
     assert report[1]["cascade"] is None
     compared = (root / "casc-report" / "report.md").read_text().split("## Comparison")[1]
     assert f"| casc (with escalation) | 1.00 | {reported['accuracy']['top1']:.2f} |" in compared
-    assert run(["bench", str(root / "casc"), "-b", "1", "--repeats", "1", "--warmup", "0"]) == 0
+    assert run(["bench", str(root / "casc"), "--batch-size", "1", "--repeats", "1", "--warmup", "0"]) == 0
     assert run(["calibrate", str(root / "casc"), "--budget", "0.8", "-o", str(root / "casc-cal")]) == 0
     assert "cascade" not in json.loads((root / "casc-cal" / "config.json").read_text())["dynamize"]  # a stale threshold
 
