@@ -73,8 +73,10 @@ def bench(
                                          "channel gates that cannot pay for themselves (see `convert`)"),
     json_out: Path | None = typer.Option(None, "--json", help="also write the results to this JSON file"),
 ) -> None:
-    """Time the original dense model against the dynamic one (the fast path of `dynamize.load`): median ms with
-    10th-90th percentiles, speedup, ideal (1 / FLOPs fraction). New images (and forced decisions) every pass."""
+    """Time the original dense model against the dynamic one (the fast path of `dynamize.load`).
+
+    Median ms with 10th-90th percentiles, speedup, ideal (1 / FLOPs fraction). New images (and forced decisions) every
+    pass."""
     console = Console()
     if threads:
         torch.set_num_threads(threads)

@@ -112,8 +112,9 @@ def cascade(
     data_dir: str | None = typer.Option(None, help="where the data set's files are"),
     output: Path | None = typer.Option(None, "-o", "--output", help="new run directory (default: RUN-eB)"),
 ) -> None:
-    """Add an escalation exit: the images the fine-tuned run is least sure of also run the original model, as many
-    as the budget pays for (no retraining)."""
+    """Add an escalation exit: the images the fine-tuned run is least sure of also run the original model.
+
+    As many images escalate as the budget pays for (no retraining)."""
     out = output or Path(f"{run}-e{budget:.2f}")
     console = Console()
     with console.status(f"choosing the escalation threshold for budget {budget:.2f}"):

@@ -1,5 +1,6 @@
 """`--help` of every command reads alike: the same placeholders for the same things, the same short options for
 the same options, and a one-line summary in the command list."""
+import inspect
 import re
 from collections import defaultdict
 
@@ -30,3 +31,10 @@ def test_an_option_has_the_same_short_form_in_every_command():
                 long = next(o for o in p.opts if o.startswith("--"))
                 short[long].add(tuple(sorted(o for o in p.opts if not o.startswith("--"))))
     assert {long: forms for long, forms in short.items() if len(forms) > 1} == {}
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_command_summary_is_one_line(name):
+    """Typer's command list (`dynamize --help`) keeps the line breaks of a command's first paragraph, which then
+    breaks mid-sentence; the details go in a paragraph of their own."""
+    assert "\n" not in inspect.cleandoc(COMMANDS[name].help).split("\n\n")[0]
