@@ -56,7 +56,8 @@ def report(
     limit: int = typer.Option(0, help="evaluate only the first N images of the evaluation split (0: all)",
                               callback=in_range("limit")),
     batch_size: int = typer.Option(64, help="evaluation batch size", callback=in_range("batch_size")),
-    latency: bool = typer.Option(False, help="also time dense vs dynamic at batch 1 and 32 (dynamize bench)"),
+    latency: bool = typer.Option(False, "--latency", help="also time dense vs dynamic at batch 1 and 32 "
+                                                          "(dynamize bench)"),
 ) -> None:
     """Evaluate runs and their teachers: accuracy, per-image FLOPs, gate behaviour; writes report.json/.md + plots."""
     console = Console()

@@ -38,7 +38,7 @@ def train(
     checkpoint: Path | None = typer.Option(None, help="weights to start from: a weights file or a run directory "
                                                       "(its original model); another-sized head is re-initialised"),
     output: Path | None = typer.Option(None, "-o", "--output", help="run directory (default: runs/MODEL-base)"),
-    resume: bool = typer.Option(False, help="continue from the run's last checkpoint"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the run's last checkpoint"),
     sets: list[str] | None = typer.Option(None, "--set", help="recipe override key=value (repeatable)"),
     overrides: list[str] | None = typer.Argument(None, metavar="KEY=VALUE", help="more recipe overrides"),
 ) -> None:
@@ -69,7 +69,7 @@ def finetune(
     gates: str | None = typer.Option(None, help="train only layer | channel gates, or both",
                                      callback=one_of(GATE_KINDS)),
     output: Path | None = typer.Option(None, "-o", "--output", help="run directory (default: RUN-bB)"),
-    resume: bool = typer.Option(False, help="continue from the output run's last checkpoint"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the output run's last checkpoint"),
     overrides: list[str] | None = typer.Option(None, "--set", help="recipe override key=value (repeatable)"),
 ) -> None:
     """Fine-tune a converted run under a FLOPs budget by distilling from the original model."""

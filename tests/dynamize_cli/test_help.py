@@ -38,3 +38,10 @@ def test_command_summary_is_one_line(name):
     """Typer's command list (`dynamize --help`) keeps the line breaks of a command's first paragraph, which then
     breaks mid-sentence; the details go in a paragraph of their own."""
     assert "\n" not in inspect.cleandoc(COMMANDS[name].help).split("\n\n")[0]
+
+
+def test_a_flag_that_is_off_unless_given_has_no_off_form():
+    """--resume and --latency read like --static and --profitable-only: no --no-resume that only restates the
+    default."""
+    assert [(name, p.opts) for name, command in COMMANDS.items() for p in command.params
+            if p.param_type_name == "option" and p.is_flag and p.default is False and p.secondary_opts] == []
