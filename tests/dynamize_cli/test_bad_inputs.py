@@ -99,7 +99,7 @@ CASES = {
     "budget -1": (["finetune", "{conv}", "--budget", "-1"], "budget"),
     "budget 1.5": (["finetune", "{conv}", "--budget", "1.5"], "budget"),
     "budget nan": (["finetune", "{conv}", "--budget", "nan"], "budget"),
-    "budget abc": (["finetune", "{conv}", "--budget", "abc"], "budget"),
+    "budget abc": (["finetune", "{conv}", "--budget", "abc"], "'--budget'"),  # Typer's parse error names it so
     "unknown recipe": (["finetune", "{conv}", "--budget", "0.5", "--recipe", "nope"], "no recipe named"),
     "recipe escaping its folder": (["finetune", "{conv}", "--budget", "0.5", "--recipe", "../../etc/passwd"],
                                    "not a plain name"),
