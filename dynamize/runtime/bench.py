@@ -286,11 +286,11 @@ def _run_size(target: str, plan: GatePlan, img_size: int | None) -> int:
     honoured.
 
     Raises:
-        DynamizeError: `img_size` is given and is not the plan's.
+        RunError: `img_size` is given and is not the plan's.
     """
     size = plan.input_size[-1]
     if img_size is not None and img_size != size:
-        raise DynamizeError(f"{target} is a run at {size} px (its FLOPs fractions are counted at that size), not "
+        raise RunError(f"{target} is a run at {size} px (its FLOPs fractions are counted at that size), not "
                             f"--img-size {img_size}; leave out --img-size to time it at {size} px")
     return size
 
