@@ -48,7 +48,7 @@ def make_image_folder(root, classes: int = 3, per_class: int = 12, size: int = 3
 ARCHS = {
     "resnet18": 32, "resnet50d": 32, "resnext50_32x4d": 32, "seresnet18": 32, "ecaresnet26t": 32, "skresnet18": 32,
     "res2net50_14w_8s": 32, "resnest14d": 32, "nf_resnet26": 32, "resnetv2_18": 32, "regnetx_002": 32,
-    "regnety_002": 32, "regnetz_005": 32, "mobilenetv1_100": 32, "mobilenetv2_100": 32, "mobilenetv3_small_100": 32,
+    "regnety_002": 32, "regnetz_005": 32, "mobilenetv1_100": 32, "mobilenetv2_100": 32, "mobilenetv3_small_100": 64,
     "mobilenetv4_conv_small_035": 32, "efficientnet_b0": 32, "tf_efficientnetv2_b0": 32, "tf_efficientnet_lite0": 32,
     "mixnet_s": 32, "mnasnet_100": 32, "fbnetv3_b": 32, "lcnet_050": 32, "hardcorenas_b": 32, "tinynet_e": 32,
     "ghostnet_100": 32, "ghostnetv2_100": 64, "rexnet_100": 32, "repghostnet_058": 32, "dla34": 32, "dpn68": 32,

@@ -16,8 +16,8 @@ from .gates import gate_hidden
 from .plan import CHANNEL_MODES, GATE_KINDS, BlockSite, ChannelGroup, CostItem, GatePlan, Skipped
 from .reorder import assign_widths, reorder
 from .rewrite import DynamicNet, rewrite
-from .trace import check_cnn, input_error, input_node, tensor_shape, trace
-from .units import assign_units, common_unit, crosses_blocks, is_within
+from .trace import check_cnn, input_error, input_node, node_shape, tensor_shape, trace
+from .units import ROOT, assign_units, common_unit, crosses_blocks, is_within, module_path
 
 # A group outside every residual branch keeps at least this share of its channels: with no shortcut around it,
 # an image that dropped all of them would lose the signal (mobile nets' stride-2 blocks, plain VGG-style stacks).
@@ -114,6 +114,7 @@ def plan_model(model: nn.Module, *, gates: str = "both", img_size: int | None = 
         groups = []
     else:
         plan.skipped += skipped_groups
+        groups = [_part_before_head(model, gr, blocks) or gr for gr in groups]
         swallowing = [gr for gr in groups if _swallows_blocks(model, gr, blocks)]
         plan.skipped += [Skipped("group", owner(gr.producer), _CROSSES) for gr in swallowing]
         groups = [gr for gr in groups if gr not in swallowing]
@@ -220,6 +221,39 @@ def _swallows_blocks(model: nn.Module, group: Group, blocks: list[Block]) -> boo
         return False
     unit = common_unit(_changed(group))
     return any(is_within(common_unit([b.add, *b.region]), unit) for b in blocks)
+
+
+def _part_before_head(model: nn.Module, group: Group, blocks: list[Block]) -> Group | None:
+    """The part inside its producer's module of a group that runs from there into the model's head; None for others.
+
+    A mobile net's last convolution reaches the head's 1x1 convolution through the global pool (MobileNetV3, LCNet,
+    GhostNet, DLA, HGNet). Only the whole model holds all of that, and the whole model is never rewritten. The group
+    ends where its channels leave the producer's module instead: the runtime widens the kept ones to every channel
+    there (a dropped one reads as zero), and the pool and the head's convolution run on every channel, on a 1x1 map
+    where they cost little. The FLOPs accounting counts them so: the group scales only its layers inside the module.
+    """
+    if group.axis != 1 or group.exits:
+        return None
+    unit = common_unit(_changed(group))
+    if unit != ROOT and not _swallows_blocks(model, group, blocks):
+        return None  # the group fits a unit as it is
+    path = module_path(group.producer)
+    below = path[path.index(unit) + 1:] if unit != ROOT else path
+    if not below:
+        return None  # the producer is a layer of the unit itself (a stem): no module to end in
+    outer = below[0]  # the module just inside the unit that holds the producer (`blocks` in MobileNetV3)
+
+    def within(n: fx.Node) -> bool:
+        return outer in module_path(n)
+
+    inside = [n for n in group.members if within(n)]
+    if group.members[:len(inside)] != inside:
+        return None
+    sinks, frontier = [n for n in group.sinks if within(n)], [n for n in group.frontier if within(n)]
+    after = [n for n in group.sinks if not within(n)]
+    if not after or any((node_shape(input_node(n)) or ())[2:] != (1, 1) for n in after):
+        return None  # not a head: the layers after the module would run on every channel of a larger map
+    return Group(group.producer, inside, sinks, group.channels, group.axis, block=group.block, frontier=frontier)
 
 
 def _changed(group: Group) -> list[fx.Node]:

@@ -205,7 +205,7 @@ def _why_not(g: Graph, node: fx.Node) -> str:
         return f"feeds a convolution with {m.padding_mode} padding"
     if ops.is_conv(m) and not ops.is_plain_conv(m):
         return f"feeds a {type(m).__name__}, whose weights are not sliceable"
-    if isinstance(m, nn.Linear) or (m is None and "flatten" in str(node.target)):
+    if isinstance(m, (nn.Linear, nn.Flatten)) or (m is None and "flatten" in str(node.target)):
         return "feeds the classifier"
     if ops.role(g.gm, node) is Role.CHANNELWISE:
         return f"feeds `{node.name}` beside other layers (parallel paths that normalise it)"

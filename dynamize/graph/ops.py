@@ -11,6 +11,7 @@ from typing import TypeGuard
 import torch
 import torch.nn.functional as F
 from timm.layers import Conv2dSame
+from timm.layers.adaptive_avgmax_pool import AdaptiveAvgMaxPool2d
 from torch import fx, nn
 
 from .trace import target_path
@@ -28,12 +29,19 @@ class Role(enum.Enum):
 
 ELEMENTWISE_FUNCTIONS = frozenset({
     F.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu, F.mish, F.hardtanh,
-    F.dropout, F.max_pool2d, F.avg_pool2d, torch.relu, torch.sigmoid, torch.tanh,
+    F.dropout, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.relu, torch.sigmoid,
+    torch.tanh,
 })
 ELEMENTWISE_METHODS = frozenset({"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "contiguous"})
 ELEMENTWISE_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.MaxPool2d, nn.AvgPool2d, nn.ReLU, nn.ReLU6, nn.SiLU,
                        nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Mish,
                        nn.Hardtanh)
+# Global (adaptive) pools that reduce each channel over space on its own and keep the tensor 4-D: a head's pool before
+# its 1x1 convolution (timm's SelectAdaptivePool2d with pool_type "avg", "max" or "avgmax"). "catavgmax" concatenates
+# its two pools and flatten=True makes the tensor 2-D: both are ops of their own in the trace, which stop a group.
+# With return_indices a max pool returns a tuple; so does F.adaptive_max_pool2d, whose output then has no tensor shape
+# and is not followed (as F.max_pool2d).
+CHANNEL_POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, AdaptiveAvgMaxPool2d)
 ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 ADD_METHODS = ("add", "add_")
 MUL_FUNCTIONS = (operator.mul, torch.mul)
@@ -86,6 +94,8 @@ def is_running_batchnorm(m: nn.Module | None) -> bool:
 def is_elementwise_module(m: nn.Module) -> bool:
     if isinstance(m, ELEMENTWISE_MODULES):
         return True
+    if isinstance(m, CHANNEL_POOL_MODULES):
+        return not getattr(m, "return_indices", False)
     # timm's own activation layers (Swish, HardSwish, GELU, ...) are elementwise by construction.
     return type(m).__module__.startswith("timm.layers.activations") and next(m.parameters(), None) is None
 

@@ -64,7 +64,9 @@ class ChannelGroup:
         gate_input: node the C-Net reads pooled (the producer's input), so the decision precedes the computation.
         gate_after: node after which the gate scales the channels (end of the group's per-channel chain).
         members: nodes whose cost scales with the kept fraction (producer, norms, depthwise convs).
-        sinks: convolutions / linears that read the group's channels as input.
+        sinks: convolutions / linears that read the group's channels as input; for a group that ends where its
+            channels leave the unit for the model's head, only those in the unit (docs/architecture.md, "Groups that
+            run into the head").
         exits: residual adds the group's channels are added into (the group ends a residual branch): a dropped channel
             adds nothing there, and the shortcut's channel passes on unchanged.
         channels: number of channels in the group.

@@ -7,14 +7,16 @@ from collections.abc import Sequence
 
 import torch
 from timm.layers import get_notrace_functions, get_notrace_modules
+from timm.layers.adaptive_avgmax_pool import AdaptiveAvgMaxPool2d
 from timm.models.nfnet import NormFreeBlock
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import ModelError
 
-# Leaves are the units the plan reasons about; timm subclasses them (Conv2dSame, BatchNormAct2d, ...).
-_LEAF_TYPES = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+# Leaves are the units the plan reasons about; timm subclasses them (Conv2dSame, BatchNormAct2d, ...). timm's "avgmax"
+# pool is one too: traced through, it is the sum of two pools of the same tensor, which no group can follow.
+_LEAF_TYPES = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, AdaptiveAvgMaxPool2d)
 # No-trace modules that are traced all the same, because what made timm list them does not apply here. NormFreeBlock:
 # its in-place `out.mul_(skipinit_gain)` has no users, so torch.fx's dead-code elimination drops it
 # (pytorch/pytorch#68301); `symbolic_trace` keeps in-place calls, and `units.py` checks each unit's trace against the

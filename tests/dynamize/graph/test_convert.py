@@ -177,3 +177,30 @@ def test_profitable_only_leaves_out_channel_gates_on_small_maps():
     resnet = timm.create_model("resnet18")
     assert len(dynamize.plan_model(resnet, img_size=224, profitable_only=True).groups) == \
         len(dynamize.plan_model(resnet, img_size=224).groups)
+
+
+@pytest.mark.parametrize("global_pool", ["avg", "max", "avgmax"])
+def test_the_convolution_before_the_global_pool_is_gated_inside_its_block(global_pool):
+    """MobileNetV3's last convolution reaches the head's 1x1 convolution through the global pool, outside its block:
+    its group ends where its channels leave the block, its FLOPs come under gate control (the head's, which runs on
+    every channel, do not), and open gates change nothing."""
+    base = randomize(timm.create_model("mobilenetv3_small_100", num_classes=7, global_pool=global_pool)).eval()
+    net = dynamize.convert(base, img_size=64).eval()
+    group = next(g for g in net.plan.groups if g.name == "blocks.5.0.conv")
+    assert group.unit == "blocks.5.0" and not group.sinks and group.min_keep > 0
+    assert not [s for s in net.plan.skipped if s.where == group.name]
+    scaled = {c.node: c.groups for c in net.plan.costs}
+    assert scaled["blocks_5_0_conv"] == [group.name] and scaled["conv_head"] == []
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = base(x)
+        masked = dynamize.use_runtime(net, None)(x)
+        fast = dynamize.use_runtime(net)(x)
+    assert (masked - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert (fast - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_a_concatenating_global_pool_leaves_the_convolution_before_it_ungated():
+    plan = dynamize.plan_model(timm.create_model("mobilenetv3_small_100", global_pool="catavgmax"), img_size=64)
+    assert "blocks.5.0.conv" not in {g.name for g in plan.groups}
+    assert [s.reason for s in plan.skipped if s.where == "blocks.5.0.conv"] == ["feeds a concat"]

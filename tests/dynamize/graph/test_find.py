@@ -1,6 +1,7 @@
 """Residual blocks and channel groups found in small hand-written models."""
+import pytest
 import torch
-from timm.layers import StdConv2d
+from timm.layers import SelectAdaptivePool2d, StdConv2d
 from torch import nn
 
 from dynamize.graph.find import Graph, find_blocks, find_groups, owner
@@ -214,3 +215,35 @@ def test_a_full_convolution_on_a_1x1_map_is_gated_a_pointwise_one_is_not():
     pointwise = "a 1x1 convolution on a 1x1 map (as in squeeze-excite and heads)"
     assert [(s.where, s.reason.split(":")[0]) for s in skipped if "1x1 map" in s.reason] == [
         ("reduce", pointwise), ("expand", pointwise)]
+
+
+class PooledHead(nn.Module):
+    """A mobile net's head: the last convolution, timm's global pool and a 1x1 convolution on the pooled 1x1 map (or,
+    flattened, a linear classifier)."""
+
+    def __init__(self, pool_type: str, flatten: bool = False):
+        super().__init__()
+        self.conv = conv_bn()
+        self.pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=flatten)
+        width = C * self.pool.feat_mult()
+        self.head = nn.Linear(width, 4) if flatten else nn.Conv2d(width, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.pool(torch.relu(self.conv(x))))
+
+
+@pytest.mark.parametrize("pool_type", ["avg", "max", "avgmax"])
+def test_a_global_pool_passes_each_channel_on(pool_type):
+    g, blocks, _ = analyse(PooledHead(pool_type))
+    groups, _ = find_groups(g, blocks)
+    assert [(gr.producer.target, names(gr.sinks)) for gr in groups] == [("conv.0", {"head"})]
+
+
+# "catavgmax" concatenates an average and a max pool (functional ones, followed up to the concat); flatten=True
+# flattens the pooled map for a linear classifier.
+@pytest.mark.parametrize("pool_type, flatten, reason", [("catavgmax", False, "feeds a concat"),
+                                                        ("avg", True, "feeds the classifier")])
+def test_a_global_pool_that_concatenates_or_flattens_stops_a_group(pool_type, flatten, reason):
+    g, blocks, _ = analyse(PooledHead(pool_type, flatten))
+    groups, skipped = find_groups(g, blocks)
+    assert not groups and [s.reason for s in skipped if s.where == "conv.0"] == [reason]

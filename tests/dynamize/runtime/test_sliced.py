@@ -11,12 +11,17 @@ import dynamize
 from dynamize.runtime import decide as decide_module
 from dynamize.runtime.bench import force_random, release
 from dynamize.runtime.decide import Decide
+from dynamize.runtime.layers import SlicedLayer, Widen
 from dynamize.runtime.sliced import use_runtime
 
 # Residual blocks + conv groups; depthwise + squeeze-excite groups; channels-last Linear groups; a ResNet and a mobile
-# net (squeeze-excite, projections into residual adds) with the layers that end residual branches gated too.
+# net (squeeze-excite, projections into residual adds) with the layers that end residual branches gated too; a mobile
+# net whose last convolution's channels leave their block for the global pool and the head.
 MODELS = [("resnet18", 32, False), ("test_efficientnet", 64, False), ("test_convnext", 32, False),
-          ("resnet18", 32, True), ("mobilenetv3_small_050", 32, True)]
+          ("resnet18", 32, True), ("mobilenetv3_small_050", 32, True), ("mobilenetv3_small_100", 64, False)]
+# Groups a model must have for the tests to cover them (at 32 px MobileNetV3's last convolution runs on a 1x1 map and
+# is not gated).
+COVERED = {"mobilenetv3_small_100": "blocks.5.0.conv"}
 
 
 @pytest.fixture(scope="module", params=MODELS, ids=[f"{m}{'-residual-outputs' * r}" for m, _, r in MODELS])
@@ -25,6 +30,8 @@ def model(request):
     net = dynamize.convert(randomize(timm.create_model(name, num_classes=7)), img_size=size,
                            residual_outputs=residual_outputs).eval()
     assert any(g.exits for g in net.plan.groups) == residual_outputs
+    if name in COVERED:
+        assert COVERED[name] in {g.name for g in net.plan.groups}
     return net, size
 
 
@@ -231,3 +238,14 @@ def test_norms_outside_the_units_are_folded():
         copied.bn1.weight.mul_(2)  # a copy folds its own norm, not the original's
         assert not torch.allclose(copied(x), got)
     assert calls == [1, 1]
+
+
+def test_a_group_that_leaves_its_block_runs_on_its_kept_channels():
+    """MobileNetV3's last convolution computes only its kept filters; they are widened to every channel where they
+    leave the block, for the global pool and the head."""
+    net = dynamize.convert(randomize(timm.create_model("mobilenetv3_small_100", num_classes=7)), img_size=64).eval()
+    unit = net.get_submodule("blocks.5.0")
+    with torch.no_grad():
+        net(torch.randn(1, 3, 64, 64))  # builds the fast path
+    called = _called(unit.fast)
+    assert called.count(SlicedLayer) == 1 and called.count(Widen) == 1
