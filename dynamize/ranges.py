@@ -1,10 +1,12 @@
-"""The allowed range of every number a user gives dynamize, in one table that the CLI options and the recipe keys
-both read, so that `--img-size 0` and `img_size: 0` in a recipe are refused alike, before anything is written.
+"""The allowed range of every number a user gives dynamize (and the one check of a word against its choices), in one
+table that the CLI options and the recipe keys both read, so that `--img-size 0` and `img_size: 0` in a recipe are
+refused alike, before anything is written.
 
 Upper bounds are far beyond any sensible value; they are there so that a typo such as 10**9 fails at once with one
 line instead of exhausting memory an hour later.
 """
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .errors import DynamizeError
@@ -92,6 +94,18 @@ RANGES: dict[str, Range] = {
     "repeats": _count(1, 10_000),
     "warmup": _count(0, 10_000),
 }
+
+
+def check_choice(value, choices: Sequence[str], name: str, error: type[DynamizeError] = RangeError):
+    """Return `value` if it is one of `choices`; the one wording of that check for options, recipe keys and the
+    library's arguments alike.
+
+    Raises:
+        `error` (RangeError by default): the value is not one of the choices.
+    """
+    if value not in choices:
+        raise error(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+    return value
 
 
 def check(key: str, value, name: str | None = None):

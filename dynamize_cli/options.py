@@ -5,7 +5,7 @@ from collections.abc import Callable, Sequence
 
 import typer
 
-from dynamize.ranges import RangeError, check
+from dynamize.ranges import check, check_choice
 
 
 def in_range(key: str) -> Callable:
@@ -24,8 +24,6 @@ def one_of(choices: Sequence[str]) -> Callable:
     """A Typer callback that refuses a value outside `choices`, worded as the range checks are, so that an option
     that several commands share (`--gates`) is refused alike by all of them."""
     def callback(param: typer.CallbackParam, value):
-        if value is not None and value not in choices:
-            raise RangeError(f"{param.opts[0]} must be one of {', '.join(choices)}, not {value!r}")
-        return value
+        return value if value is None else check_choice(value, choices, param.opts[0])
 
     return callback

@@ -9,6 +9,7 @@ from torch import fx, nn
 
 from ..errors import ModelError
 from ..models import create_base
+from ..ranges import check_choice
 from . import ops
 from .cost import channel_gate_pays, channel_gather_macs, gate_flops, node_flops, pool_flops
 from .find import Block, Graph, Group, find_blocks, find_groups, is_residual_add, owner
@@ -93,10 +94,8 @@ def plan_model(model: nn.Module, *, gates: str = "both", img_size: int | None = 
     Raises:
         ModelError: the model cannot be traced, or has nothing to gate.
     """
-    if gates not in GATE_KINDS:
-        raise ModelError(f"--gates must be one of {', '.join(GATE_KINDS)}, not {gates!r}")
-    if channel_mode not in CHANNEL_MODES:
-        raise ModelError(f"--channel-mode must be one of {', '.join(CHANNEL_MODES)}, not {channel_mode!r}")
+    check_choice(gates, GATE_KINDS, "--gates", ModelError)
+    check_choice(channel_mode, CHANNEL_MODES, "--channel-mode", ModelError)
     arch = architecture_of(model)
     check_cnn(model)
     model = copy.deepcopy(model).eval()

@@ -15,7 +15,7 @@ from timm.optim import list_optimizers
 
 from ..errors import DynamizeError
 from ..graph.plan import GATE_KINDS
-from ..ranges import RANGES, check
+from ..ranges import RANGES, check, check_choice
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"  # package data: dynamize/recipes/*.yaml
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -68,12 +68,10 @@ class Recipe:
 
     def validate(self) -> "Recipe":
         """Check ranges (the table in `dynamize.ranges`) and choices; raise an error naming the bad key."""
-        if self.gates not in GATE_KINDS:
-            raise RecipeError(f"gates must be one of {', '.join(GATE_KINDS)}, not {self.gates!r}")
+        check_choice(self.gates, GATE_KINDS, "gates", RecipeError)
         if self.opt not in list_optimizers():
             raise RecipeError(f"opt must be an optimizer timm knows (e.g. adamw, sgd), not {self.opt!r}")
-        if self.sched not in SCHEDULES:
-            raise RecipeError(f"sched must be one of {', '.join(SCHEDULES)}, not {self.sched!r}")
+        check_choice(self.sched, SCHEDULES, "sched", RecipeError)
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name in RANGES and value is not None:
