@@ -7,6 +7,8 @@ corrupt or unreadable image stops the run with one line naming the file (rather 
 """
 import difflib
 import gzip
+import hashlib
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -48,11 +50,17 @@ def cache_dir() -> Path:
 
 def _fashion_mnist_root(data_dir: Path | None) -> Path:
     """A torchvision-style root (ROOT/FashionMNIST/raw/ with unpacked idx files) for the four idx files, found in
-    `data_dir` when it is given (never elsewhere: the user asked for those files), else where Debian puts them."""
+    `data_dir` when it is given (never elsewhere: the user asked for those files), else where Debian puts them.
+
+    A root that already is one is used as it is; other files are unpacked into a cache folder of their own (see
+    `_fashion_mnist_cache`), so the cache never serves the files of another source.
+    """
     src = data_dir if data_dir is not None else DEBIAN_FASHION_MNIST
+    if all((src / "FashionMNIST" / "raw" / f).is_file() for f in _FMNIST_FILES):
+        return src
     for base in (src, src / "FashionMNIST" / "raw"):
         if all((base / f).is_file() or (base / f"{f}.gz").is_file() for f in _FMNIST_FILES):
-            root = cache_dir() / "fashion-mnist"
+            root = _fashion_mnist_cache(base)
             raw = root / "FashionMNIST" / "raw"
             raw.mkdir(parents=True, exist_ok=True)
             for f in _FMNIST_FILES:
@@ -65,6 +73,15 @@ def _fashion_mnist_root(data_dir: Path | None) -> Path:
                         f"pass the folder that holds {', '.join(_FMNIST_FILES)} (or .gz), or leave out --data-dir")
     raise DataError(f"Fashion-MNIST idx files not found in {DEBIAN_FASHION_MNIST}; `apt-get install "
                     "dataset-fashion-mnist` (Debian) or pass --data-dir with the four idx(.gz) files")
+
+
+def _fashion_mnist_cache(base: Path) -> Path:
+    """The cache folder for the idx files in `base`: named by a hash of each file's resolved path, size and
+    modification time, so that other files, or the same files changed, are unpacked afresh."""
+    sources = [base / f if (base / f).is_file() else base / f"{f}.gz" for f in _FMNIST_FILES]
+    stamps = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in sources]
+    key = hashlib.sha256(json.dumps(stamps).encode()).hexdigest()[:16]
+    return cache_dir() / "fashion-mnist" / key
 
 
 def _unpack(src: Path, dest: Path) -> None:

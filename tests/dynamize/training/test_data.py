@@ -1,5 +1,9 @@
 """Data splits: training, calibration and evaluation are disjoint; an image folder is never evaluated on its training
 images; default split sizes follow the size of the training split."""
+import gzip
+import math
+import struct
+
 import pytest
 import torch
 from helpers import make_image_folder
@@ -107,3 +111,39 @@ def test_a_missing_folder_named_as_a_known_data_set_suggests_its_name(tmp_path, 
     message = str(e.value)
     assert message.startswith(f"data folder {name} does not exist")
     assert (hint in message) if hint else "did you mean" not in message
+
+
+def _fake_fashion_mnist(folder, label: int, n: int = 8, gz: bool = False):
+    """The four Fashion-MNIST idx files (magic, big-endian sizes, bytes) with n images per split, every image and
+    label equal to `label`, so that the images read tell which files they came from."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "t10k"):
+        for kind, dims in (("images-idx3", (n, 28, 28)), ("labels-idx1", (n,))):
+            body = struct.pack(f">I{len(dims)}I", 0x800 + len(dims), *dims) + bytes([label]) * math.prod(dims)
+            name = f"{split}-{kind}-ubyte"
+            if gz:
+                (folder / f"{name}.gz").write_bytes(gzip.compress(body))
+            else:
+                (folder / name).write_bytes(body)
+    return folder
+
+
+def _fashion_mnist_labels(data_dir) -> set[int]:
+    evaluation = datasets(DataSpec("fashion-mnist", str(data_dir), 28, 1), calib_size=2).evaluation
+    return {evaluation[i][1] for i in range(len(evaluation))}
+
+
+def test_fashion_mnist_reads_the_files_of_the_data_dir_given_not_a_cached_copy_of_others(tmp_path, monkeypatch):
+    monkeypatch.setenv("DYNAMIZE_CACHE", str(tmp_path / "cache"))
+    assert _fashion_mnist_labels(_fake_fashion_mnist(tmp_path / "a", label=1)) == {1}
+    assert _fashion_mnist_labels(_fake_fashion_mnist(tmp_path / "b", label=7, gz=True)) == {7}
+    changed = _fake_fashion_mnist(tmp_path / "a", label=3, n=9)  # the same folder, its files replaced
+    assert _fashion_mnist_labels(changed) == {3}
+
+
+def test_a_torchvision_fashion_mnist_root_is_read_in_place(tmp_path, monkeypatch):
+    monkeypatch.setenv("DYNAMIZE_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "tv"
+    _fake_fashion_mnist(root / "FashionMNIST" / "raw", label=5)
+    assert _fashion_mnist_labels(root) == {5}
+    assert not (tmp_path / "cache").exists()
