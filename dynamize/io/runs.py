@@ -87,7 +87,7 @@ def read_config(path: str | Path) -> dict:
     """Read a run directory's config.json and check what it needs to be used: JSON, a dynamize block, the version.
 
     Raises:
-        RunError: not a run directory, config.json unreadable, or written by a newer dynamize.
+        RunError: not a run directory, config.json unreadable or without a version, or written by a newer dynamize.
     """
     path = Path(path)
     if not path.is_dir():
@@ -100,14 +100,12 @@ def read_config(path: str | Path) -> dict:
         raise RunError(f"{path / CONFIG} is not valid JSON ({e}); restore it or write the run again") from None
     if not isinstance(config, dict) or not isinstance(config.get("dynamize"), dict):
         raise RunError(f"{path / CONFIG} has no dynamize block; it is not a dynamize run directory")
-    version = str(config["dynamize"].get("version", ""))
-    try:
-        newer = _version_tuple(version) > _version_tuple(__version__)
-    except ValueError:
-        newer = True
-    if newer or not version:
-        raise RunError(f"{path} was written by dynamize {version or '(unknown)'}, newer than this one "
-                       f"({__version__}); upgrade dynamize")
+    version = config["dynamize"].get("version")
+    if not isinstance(version, str) or not _version_tuple(version):  # a damaged or hand-edited config
+        raise RunError(f"{path / CONFIG} has no valid dynamize version ({version!r}); write the run again")
+    if _version_tuple(version) > _version_tuple(__version__):
+        raise RunError(f"{path} was written by dynamize {version}, newer than this one ({__version__}); "
+                       "upgrade dynamize")
     for key, kind in (("architecture", str), ("num_classes", int), ("in_chans", int)):
         if not isinstance(config.get(key), kind):
             raise RunError(f"{path / CONFIG} has no valid {key!r}; write the run again")

@@ -48,6 +48,10 @@ def _damaged(good_run, tmp_path, damage):
     weights = run / "model.safetensors"
     if damage == "newer version":
         config["dynamize"]["version"] = "99.0.0"
+    elif damage == "no version":
+        del config["dynamize"]["version"]
+    elif damage == "garbled version":
+        config["dynamize"]["version"] = "x.y"
     elif damage == "plan":
         config["dynamize"]["plan"]["blocks"] = [{"name": "x"}]
     elif damage == "missing weights":
@@ -61,6 +65,8 @@ def _damaged(good_run, tmp_path, damage):
 
 
 @pytest.mark.parametrize("damage, message", [("newer version", "newer"), ("plan", "malformed"),
+                                             ("no version", "no valid dynamize version \\(None\\); write the run"),
+                                             ("garbled version", "no valid dynamize version \\('x.y'\\)"),
                                              ("missing weights", "no model.safetensors"),
                                              ("truncated weights", "not a valid safetensors"),
                                              ("other shapes", "does not match")])
