@@ -232,6 +232,8 @@ def fit(task: TrainingTask, model: nn.Module, train_ds, recipe: Recipe, out: Pat
     if ddp.world > 1:
         task.prepare_distributed()
     state = _load_checkpoint(out, model, optimizer, scheduler) if resume else TrainState()
+    if resume and ddp.main:
+        console.print(f"resuming {out} from its checkpoint at step {state.global_step} of {total}", highlight=False)
     if not resume:
         torch.manual_seed(recipe.seed)
         random.seed(recipe.seed)

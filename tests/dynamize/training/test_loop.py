@@ -89,8 +89,10 @@ def test_resume_after_interrupt_matches_uninterrupted_run(uninterrupted, tmp_pat
     with pytest.raises(Interrupted, match="resume"):
         _train_plain(image_folder, tmp_path / "b", interrupt_at=3)
     assert (tmp_path / "b" / "checkpoints" / "last" / "model.safetensors").is_file()
-    resumed = _train_plain(image_folder, tmp_path / "b", resume=True)
+    text = io.StringIO()
+    resumed = _train_plain(image_folder, tmp_path / "b", resume=True, console=Console(file=text, width=200))
     assert all(torch.allclose(reference[k].float(), resumed[k].float(), atol=1e-6) for k in reference)
+    assert text.getvalue().startswith(f"resuming {tmp_path / 'b'} from its checkpoint at step 4 of 6\n")
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2
 
