@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -167,16 +168,20 @@ def resume_recipe(out: Path, asked: Recipe, keys: Iterable[str]) -> Recipe:
 
 
 class _StopFlag:
-    """Turns Ctrl-C into a request that the loop honours between steps, so the checkpoint is consistent. A step can
-    be long (a settle calibrates thresholds for minutes), so a second Ctrl-C stops at once: the run then resumes from
+    """Turns Ctrl-C (SIGINT) and SIGTERM into a request that the loop honours between steps, so the checkpoint is
+    consistent. SIGTERM is what batch schedulers and container runtimes send before they kill a job. A step can be
+    long (a settle calibrates thresholds for minutes), so a second signal stops at once: the run then resumes from
     its last periodic checkpoint."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
+        self._old: dict[int, Any] = {}
 
     def __enter__(self):
-        in_main = threading.current_thread() is threading.main_thread()  # signals only reach the main thread
-        self._old = signal.signal(signal.SIGINT, self._handle) if in_main else None
+        if threading.current_thread() is threading.main_thread():  # signals only reach the main thread
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, *_):
@@ -188,8 +193,8 @@ class _StopFlag:
                   "--resume then starts from the last periodic checkpoint", file=sys.stderr)
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for s, old in self._old.items():
+            signal.signal(s, old)
 
 
 def fit(task: TrainingTask, model: nn.Module, train_ds, recipe: Recipe, out: Path, param_groups: list[dict], *,

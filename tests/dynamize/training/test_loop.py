@@ -29,29 +29,29 @@ def _recipe(folder, **kw):
 
 
 class _Interrupting(ClassificationTask):
-    """A task that presses Ctrl-C before a given step, through the loop's step hook."""
+    """A task that presses Ctrl-C (or sends another signal) before a given step, through the loop's step hook."""
 
-    def __init__(self, model, at, presses=1):
+    def __init__(self, model, at, presses=1, signum=signal.SIGINT):
         super().__init__(model, verbose=False)
-        self.at, self.presses = at, presses
+        self.at, self.presses, self.signum = at, presses, signum
 
     def on_step(self, step, total):
         if self.at is not None and step == self.at:
             for _ in range(self.presses):
-                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), self.signum)
 
 
 def _groups(model):
     return [{"params": list(model.parameters()), "lr": 1e-3, "weight_decay": 0.0}]
 
 
-def _train_plain(folder, out, interrupt_at=None, resume=False, console=None, presses=1):
+def _train_plain(folder, out, interrupt_at=None, resume=False, console=None, presses=1, signum=signal.SIGINT):
     recipe = _recipe(folder, checkpoint_every=2)
     train, _, _ = datasets(DataSpec(recipe.data, None, SIZE, 3), recipe.calib_size)
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", num_classes=3)
 
-    fit(_Interrupting(model, interrupt_at, presses), model, train, recipe, out, _groups(model), resume=resume,
+    fit(_Interrupting(model, interrupt_at, presses, signum), model, train, recipe, out, _groups(model), resume=resume,
         console=console)
     return model.state_dict()
 
@@ -95,6 +95,17 @@ def test_resume_after_interrupt_matches_uninterrupted_run(uninterrupted, tmp_pat
     assert text.getvalue().startswith(f"resuming {tmp_path / 'b'} from its checkpoint at step 4 of 6\n")
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_as_ctrl_c_does(uninterrupted, tmp_path):
+    """Batch schedulers and container runtimes send SIGTERM, then kill the job after a grace period."""
+    image_folder, reference, _ = uninterrupted
+    with pytest.raises(Interrupted, match="resume"):
+        _train_plain(image_folder, tmp_path / "b", interrupt_at=3, signum=signal.SIGTERM)
+    state = json.loads((tmp_path / "b" / "checkpoints" / "last" / "state.json").read_text())
+    assert state["progress"]["global_step"] == 4  # the step under way finished and was checkpointed
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the loop's handler is gone once it stops
+    assert _same(reference, _train_plain(image_folder, tmp_path / "b", resume=True))
 
 
 def test_ctrl_c_on_the_last_step_of_an_epoch_resumes_into_the_next(uninterrupted, tmp_path):
