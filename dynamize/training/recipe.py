@@ -3,6 +3,7 @@
 Values are parsed as YAML scalars (never evaluated as code), recipe names cannot leave the recipe folder, and every
 number is checked against the same table of ranges as the CLI options (`dynamize.ranges`).
 """
+import difflib
 import math
 import re
 from dataclasses import asdict, dataclass, fields
@@ -156,7 +157,9 @@ def load_recipe(name_or_path: str | Path | None = None, overrides: list[str] | N
     known = {f.name: f.type for f in fields(Recipe)}
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise RecipeError(f"unknown recipe key {unknown[0]!r}; known keys: {', '.join(known)}")
+        close = difflib.get_close_matches(unknown[0], known, n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise RecipeError(f"unknown recipe key {unknown[0]!r}; {hint}known keys: {', '.join(known)}")
     return Recipe(**{k: _typed(k, v, known[k]) for k, v in data.items()}).validate()
 
 
