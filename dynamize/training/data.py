@@ -190,13 +190,23 @@ def _folder_dataset(split: Path, **kwargs):
         raise DataError(f"cannot read {split} as an image folder ({str(e)[:120]})") from None
 
 
+def _fashion_mnist_splits(root: Path, data_dir: str | None) -> tuple:
+    """Fashion-MNIST's training and test splits read by torchvision from `root`; a truncated or damaged idx file
+    gives a DataError naming the folder it came from."""
+    try:
+        return tuple(create_dataset("torch/fashion_mnist", root=str(root), split=split, download=False)
+                     for split in ("train", "validation"))
+    except (RuntimeError, ValueError, OSError) as e:  # torchvision's parser fails on a bad shape or header
+        raise DataError(f"cannot read the Fashion-MNIST idx files from {data_dir or DEBIAN_FASHION_MNIST} "
+                        f"({' '.join(str(e).split())[:120]}); replace the damaged file") from None
+
+
 def _raw_splits(spec: DataSpec):
     """The training and evaluation splits as timm datasets of (PIL image, label); evaluation is None for an image
     folder without val/, validation/ or test/."""
     if spec.name == FASHION_MNIST:
-        root = str(_fashion_mnist_root(Path(spec.data_dir) if spec.data_dir else None))
-        return tuple(create_dataset("torch/fashion_mnist", root=root, split=split, download=False)
-                     for split in ("train", "validation"))
+        return _fashion_mnist_splits(_fashion_mnist_root(Path(spec.data_dir) if spec.data_dir else None),
+                                     spec.data_dir)
     if spec.name.split("/", 1)[0] not in _TIMM_PREFIXES:
         train_dir, eval_dir = _folder_splits(Path(spec.name))
         train = _folder_dataset(train_dir)

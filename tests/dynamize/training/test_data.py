@@ -147,3 +147,12 @@ def test_a_torchvision_fashion_mnist_root_is_read_in_place(tmp_path, monkeypatch
     _fake_fashion_mnist(root / "FashionMNIST" / "raw", label=5)
     assert _fashion_mnist_labels(root) == {5}
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_truncated_fashion_mnist_file_is_one_error_naming_the_data_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("DYNAMIZE_CACHE", str(tmp_path / "cache"))
+    source = _fake_fashion_mnist(tmp_path / "a", label=1)
+    images = source / "t10k-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:100])  # the header says 8 images; fewer bytes follow
+    with pytest.raises(DataError, match=f"cannot read the Fashion-MNIST idx files from {source}.*replace"):
+        _fashion_mnist_labels(source)
