@@ -197,6 +197,17 @@ class _StopFlag:
             signal.signal(s, old)
 
 
+def _any_rank(flag: bool, ddp: Distributed) -> bool:
+    """Whether any process of the job has `flag` set. A signal reaches each rank at its own moment; were one rank
+    to stop after a step and another to go on, the second would fail with a traceback (or hang) in the next step's
+    all-reduce, and the job would end neither interrupted nor resumable from that step."""
+    if ddp.world == 1:
+        return flag
+    agreed = torch.tensor([int(flag)])
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+    return bool(agreed.item())
+
+
 def fit(task: TrainingTask, model: nn.Module, train_ds, recipe: Recipe, out: Path, param_groups: list[dict], *,
         resume: bool = False, evaluate: Callable[[nn.Module], dict] | None = None,
         ddp: Distributed | None = None, console: Console | None = None) -> list[dict]:
@@ -285,7 +296,7 @@ def fit(task: TrainingTask, model: nn.Module, train_ds, recipe: Recipe, out: Pat
                 bar.update(bar_id, advance=1, stats=_stats_text(sums))
                 if ddp.main and recipe.checkpoint_every and state.global_step % recipe.checkpoint_every == 0:
                     _save_checkpoint(out, model, optimizer, scheduler, state, recipe)
-                if stop.requested:
+                if _any_rank(stop.requested, ddp):
                     if ddp.main:
                         _save_checkpoint(out, model, optimizer, scheduler, state, recipe)
                     raise Interrupted(f"interrupted at step {state.global_step}; resume with --resume")

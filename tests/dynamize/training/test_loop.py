@@ -3,6 +3,7 @@ import io
 import json
 import os
 import signal
+from datetime import timedelta
 
 import pytest
 import timm
@@ -173,6 +174,34 @@ def test_two_process_gloo_ddp_keeps_ranks_identical(image_folder, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     start = timm.create_model("test_resnet", num_classes=3).state_dict()
     assert any(not torch.equal(a[k], start[k]) for k in a if k.endswith("weight"))
+
+
+def _ddp_interrupted_worker(rank, world, folder, out, port):
+    """Rank 0 alone is interrupted before step 1 (of 2); every rank writes what stopped it."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
+    torch.set_num_threads(1)
+    recipe = _recipe(folder)
+    train, _, _ = datasets(DataSpec(recipe.data, None, SIZE, 3), recipe.calib_size)
+    model = timm.create_model("test_resnet", num_classes=3)
+    try:
+        fit(_Interrupting(model, 1 if rank == 0 else None), model, train, recipe, out, _groups(model),
+            ddp=Distributed(rank, world))
+        outcome = "finished"
+    except Interrupted as e:
+        outcome = str(e)
+    except Exception as e:  # a rank left waiting in an all-reduce times out
+        outcome = type(e).__name__
+    (out.parent / f"rank{rank}.txt").write_text(outcome)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_an_interrupt_that_reaches_one_rank_stops_every_rank_at_the_same_step(image_folder, tmp_path):
+    port = 29500 + (os.getpid() + 7) % 1000
+    mp.spawn(_ddp_interrupted_worker, args=(2, image_folder, tmp_path / "run", port), nprocs=2, join=True)
+    outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert outcomes == ["interrupted at step 2; resume with --resume"] * 2
 
 
 class _NaNAfter(ClassificationTask):
