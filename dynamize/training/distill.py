@@ -63,6 +63,12 @@ class BudgetDistillationTask(LogitDistillationTask):
     def student(self) -> DynamicNet:
         return unwrap_model(self.trainable_module)
 
+    def prepare_distributed(self, device_ids: list | None = None, **ddp_kwargs) -> "BudgetDistillationTask":
+        """Wrap the student in DDP that lets parameters go without a gradient: once the gates settle (or on a
+        resume after that) theirs get none, and DDP would otherwise wait for them at the next step."""
+        super().prepare_distributed(device_ids, **{"find_unused_parameters": True, **ddp_kwargs})
+        return self
+
     def on_step(self, step: int, total: int) -> None:
         """Set the schedule for the coming step; settle the gates at the settling step."""
         start = settle_step(self.recipe, total)

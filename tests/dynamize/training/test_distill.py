@@ -1,7 +1,10 @@
 """Budget-controlled distillation on a tiny model and data set: the gates reach the budget in training, then settle."""
+import os
+
 import pytest
 import timm
 import torch
+import torch.multiprocessing as mp
 from helpers import make_image_folder, randomize
 from torch import nn
 
@@ -10,7 +13,7 @@ from dynamize.graph.cost import min_fraction
 from dynamize.training.calibrate import mean_fraction
 from dynamize.training.data import DataSpec, datasets, loader
 from dynamize.training.distill import BudgetDistillationTask, configure_gates, param_groups
-from dynamize.training.loop import fit
+from dynamize.training.loop import Distributed, fit
 from dynamize.training.recipe import load_recipe
 
 SIZE = 32
@@ -58,6 +61,26 @@ def test_settling_calibrates_once_then_freezes_the_gates(tmp_path):
     assert not (gate.mlp[-1].weight == before).all()  # it learned before settling
     assert torch.equal(norm.running_mean, settled_stats["mean"])
     assert not torch.equal(norm.weight, settled_stats["weight"])  # the backbone, norms' weights included, trains
+
+
+def _ddp_settling_worker(rank, world, root, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    recipe, train, _, student, teacher = _setup(root / f"rank{rank}", budget=0.5, epochs=2, settle_fraction=0.5)
+    task = BudgetDistillationTask(student, teacher, recipe)
+    fit(task, student, train, recipe, root / "run", param_groups(student, recipe), ddp=Distributed(rank, world))
+    torch.save({k: v.clone() for k, v in student.state_dict().items()}, root / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_fine_tuning_goes_on_after_the_gates_settle(tmp_path):
+    """Settling freezes the gates, so their parameters get no gradient from then on: DDP must not wait for them."""
+    port = 29500 + (os.getpid() + 13) % 1000
+    mp.spawn(_ddp_settling_worker, args=(2, tmp_path, port), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_static_gates_give_every_image_the_same_decisions(tmp_path):
