@@ -1,4 +1,5 @@
 """Entry point: the Typer app, and the one place where user errors become one line on stderr and exit code 2."""
+import os
 import sys
 
 import typer
@@ -37,22 +38,28 @@ demo_cmds.register(app)
 report_cmds.register(app)
 
 
+def _say(message: str) -> None:
+    """One line on stderr, from one process: under torchrun every rank meets the same error or interrupt."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr)
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code; bad input gives one line on stderr and 2."""
     command = typer.main.get_command(app)
     try:
         command.main(args=argv if argv is not None else sys.argv[1:], prog_name="dynamize", standalone_mode=False)
     except Interrupted as e:
-        print(f"dynamize: {e}", file=sys.stderr)
+        _say(f"dynamize: {e}")
         return 130
     except (DynamizeError, TyperException) as e:
         msg = e.format_message() if isinstance(e, TyperException) else str(e)
-        print(f"dynamize: error: {' '.join(msg.split())}", file=sys.stderr)
+        _say(f"dynamize: error: {' '.join(msg.split())}")
         return 2
     except typer.Exit as e:
         return e.exit_code
     except (KeyboardInterrupt, typer.Abort):
-        print("dynamize: interrupted", file=sys.stderr)
+        _say("dynamize: interrupted")
         return 130
     return 0
 

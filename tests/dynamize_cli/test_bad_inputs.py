@@ -185,6 +185,15 @@ CASES = {
 }
 
 
+def test_under_torchrun_only_the_first_rank_says_it(world, capsys, monkeypatch):
+    """Every rank of a torchrun job meets the same bad input; the user reads one line, and every rank exits 2."""
+    root = world[0]
+    for rank, lines in (("1", 0), ("0", 1)):
+        monkeypatch.setenv("RANK", rank)
+        assert run(["finetune", str(root / "conv"), "--budget", "1.5"]) == 2
+        assert len(capsys.readouterr().err.splitlines()) == lines
+
+
 def _snapshot(*roots):
     return {p: (p.stat().st_size, p.stat().st_mtime_ns) for r in roots for p in sorted(r.rglob("*"))}
 
