@@ -2,8 +2,9 @@
 
 Each architecture is built with random weights (norm statistics and residual gains randomised, so every branch
 contributes), converted at a small input size, and counted as covered when it gets at least one gate, computes what
-the original computed with its gates open (within 1e-5 of the output's magnitude, both in float64), and returns the
-same outputs after `dynamize.save` / `dynamize.load`.
+the original computed with its gates open (within 1e-5 of the output's magnitude, both in float64; in float32 within
+what float32 rounding alone moves the original's output, `float32_agrees`), and returns the same outputs after
+`dynamize.save` / `dynamize.load`.
 A refusal (`ModelError`) is not covered but names its reason; anything else raised is a crash. No test names these
 architectures: the architecture sweep in tests/dynamize/graph/test_convert.py uses a different list.
 
@@ -55,6 +56,20 @@ ARCHS = {
 }
 
 
+def float32_agrees(error: float, rounding: float) -> bool:
+    """Whether the converted model's float32 error (of the output's magnitude) is one float32 rounding could cause.
+
+    `rounding` is how far the original's own output moves when its input moves by 1e-7 (about one float32 ulp): a
+    chaotic random-init net amplifies rounding that far, so the fast path's folded norms may be off by as much (ten
+    times, for margin); a well-conditioned one must agree within 1e-5.
+    """
+    return error <= max(1e-5, 10 * rounding)
+
+
+def _relative(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a - ref).abs().max() / ref.abs().max()).item()
+
+
 def check(name: str, size: int) -> dict:
     """Convert one architecture and say whether it is covered, with its gate counts or the reason it is not."""
     row = {"architecture": name, "img_size": size}
@@ -70,13 +85,16 @@ def check(name: str, size: int) -> dict:
             # the original model's own output moves by 0.43 of its magnitude when its input moves by 1e-7.
             ref, got = copy.deepcopy(base).double()(x.double()), copy.deepcopy(net).double()(x.double())
             exact = bool((got - ref).abs().max() <= 1e-5 * ref.abs().max())
-            out = net(x)
+            out, ref32 = net(x), base(x)
+            float32_error, rounding = _relative(out, ref32), _relative(base(x * (1 + 1e-7)), ref32)
+            exact = exact and float32_agrees(float32_error, rounding)
             with tempfile.TemporaryDirectory() as tmp:
                 loaded = dynamize.load(dynamize.save(net, Path(tmp) / "run"))
                 reloads = torch.equal(loaded.eval()(x), out)
         summary = net.plan.summary()
         row.update(blocks=summary["blocks"], groups=summary["groups"], controlled=round(summary["controlled_share"], 3),
-                   exact=exact, reloads=reloads, result="gated" if exact and reloads else "wrong")
+                   exact=exact, float32_error=float32_error, float32_rounding=rounding, reloads=reloads,
+                   result="gated" if exact and reloads else "wrong")
     except ModelError as e:
         row.update(result="refused", reason=str(e))
     except Exception as e:  # a crash is a finding, reported in the table rather than stopping the run

@@ -6,6 +6,8 @@ import timm
 import torch
 from helpers import randomize
 
+from dynamize.runtime.layers import SlicedLayer
+
 _SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "coverage.py"
 
 
@@ -28,3 +30,19 @@ def test_a_chaotic_net_is_exact_on_the_fast_path():
     assert (moved - ref).abs().max() > 1e-2 * ref.abs().max()  # the premise: float32 rounding alone is not 1e-5
     row = _coverage().check("efficientnetv2_rw_t", 64)
     assert row["exact"] and row["reloads"] and row["result"] == "gated", row
+
+
+def test_a_float32_only_error_of_the_fast_path_is_wrong(monkeypatch):
+    """The float64 check cannot see a fault of the float32 fast path alone; the float32 one must, on a net whose
+    output float32 rounding barely moves."""
+    forward = SlicedLayer.forward
+
+    def off_in_float32(self, x, inp, out):
+        y = forward(self, x, inp, out)
+        return y * (1 + 1e-3) if y.dtype == torch.float32 else y
+
+    coverage = _coverage()
+    assert coverage.check("resnet18", 32)["result"] == "gated"
+    monkeypatch.setattr(SlicedLayer, "forward", off_in_float32)
+    row = coverage.check("resnet18", 32)
+    assert row["result"] == "wrong" and row["float32_error"] > 10 * row["float32_rounding"], row
