@@ -1,8 +1,12 @@
-"""Helpers shared by the tests: random-but-meaningful weights, tiny image folders, tiny run directories."""
+"""Helpers shared by the tests: random-but-meaningful weights, tiny image folders, tiny run directories, DDP jobs."""
+import os
+import socket
+from datetime import timedelta
 from pathlib import Path
 
 import timm
 import torch
+import torch.multiprocessing as mp
 
 import dynamize
 
@@ -93,3 +97,21 @@ def make_runs(root: Path) -> dict:
     dynamic_run = dynamize.save(randomize_gates(dynamize.convert(base, img_size=32)), root / "runs" / "tuned",
                                 extra={"budget": 0.5, "recipe": recipe, "teacher": str(teacher_run.resolve())})
     return {"data": data, "base": base, "teacher_run": teacher_run, "run": dynamic_run}
+
+
+def run_gloo(worker, world: int, *args) -> None:
+    """Run `worker(rank, world, *args)` in `world` processes joined in one gloo process group: a CPU DDP job."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_in_gloo_group, args=(world, port, worker, args), nprocs=world, join=True)
+
+
+def _in_gloo_group(rank, world, port, worker, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    torch.set_num_threads(1)
+    try:
+        worker(rank, world, *args)
+    finally:
+        torch.distributed.destroy_process_group()

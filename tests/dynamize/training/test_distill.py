@@ -1,11 +1,8 @@
 """Budget-controlled distillation on a tiny model and data set: the gates reach the budget in training, then settle."""
-import os
-
 import pytest
 import timm
 import torch
-import torch.multiprocessing as mp
-from helpers import make_image_folder, randomize
+from helpers import make_image_folder, randomize, run_gloo
 from torch import nn
 
 import dynamize
@@ -63,22 +60,17 @@ def test_settling_calibrates_once_then_freezes_the_gates(tmp_path):
     assert not torch.equal(norm.weight, settled_stats["weight"])  # the backbone, norms' weights included, trains
 
 
-def _ddp_settling_worker(rank, world, root, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+def _ddp_settling_worker(rank, world, root):
     recipe, train, _, student, teacher = _setup(root / f"rank{rank}", budget=0.5, epochs=2, settle_fraction=0.5)
     task = BudgetDistillationTask(student, teacher, recipe)
     fit(task, student, train, recipe, root / "run", param_groups(student, recipe), ddp=Distributed(rank, world))
     torch.save({k: v.clone() for k, v in student.state_dict().items()}, root / f"rank{rank}.pt")
-    torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_ddp_fine_tuning_goes_on_after_the_gates_settle(tmp_path):
     """Settling freezes the gates, so their parameters get no gradient from then on: DDP must not wait for them."""
-    port = 29500 + (os.getpid() + 13) % 1000
-    mp.spawn(_ddp_settling_worker, args=(2, tmp_path, port), nprocs=2, join=True)
+    run_gloo(_ddp_settling_worker, 2, tmp_path)
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

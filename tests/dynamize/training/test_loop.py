@@ -3,13 +3,11 @@ import io
 import json
 import os
 import signal
-from datetime import timedelta
 
 import pytest
 import timm
 import torch
-import torch.multiprocessing as mp
-from helpers import make_image_folder
+from helpers import make_image_folder, run_gloo
 from rich.console import Console
 from safetensors.torch import load_file, save_file
 from timm.task import ClassificationTask
@@ -152,56 +150,43 @@ def test_without_a_terminal_each_epoch_is_one_plain_line_with_every_metric(image
         assert "…" not in line and "\x1b" not in line
 
 
-def _ddp_worker(rank, world, folder, out, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+def _ddp_worker(rank, world, folder, out, interrupt_at):
+    """One rank of a DDP job; rank 0 alone is interrupted before step `interrupt_at` (None: never). Each rank writes
+    its weights and what ended its training."""
     recipe = _recipe(folder)
     train, _, _ = datasets(DataSpec(recipe.data, None, SIZE, 3), recipe.calib_size)
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", num_classes=3)
-    task = ClassificationTask(model, verbose=False)
-    fit(task, model, train, recipe, out, _groups(model), ddp=Distributed(rank, world))
+    try:
+        fit(_Interrupting(model, interrupt_at if rank == 0 else None), model, train, recipe, out, _groups(model),
+            ddp=Distributed(rank, world))
+        outcome = "finished"
+    except Interrupted as e:
+        outcome = str(e)
+    except Exception as e:  # a rank that went on alone fails in the next all-reduce
+        outcome = type(e).__name__
+    (out.parent / f"rank{rank}.txt").write_text(outcome)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out.parent / f"rank{rank}.safetensors"))
-    torch.distributed.destroy_process_group()
+
+
+def _outcomes(root):
+    return [(root / f"rank{r}.txt").read_text() for r in (0, 1)]
 
 
 @pytest.mark.slow
 def test_two_process_gloo_ddp_keeps_ranks_identical(image_folder, tmp_path):
-    port = 29500 + os.getpid() % 1000
-    mp.spawn(_ddp_worker, args=(2, image_folder, tmp_path / "run", port), nprocs=2, join=True)
+    run_gloo(_ddp_worker, 2, image_folder, tmp_path / "run", None)
+    assert _outcomes(tmp_path) == ["finished"] * 2
     a, b = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     start = timm.create_model("test_resnet", num_classes=3).state_dict()
     assert any(not torch.equal(a[k], start[k]) for k in a if k.endswith("weight"))
 
 
-def _ddp_interrupted_worker(rank, world, folder, out, port):
-    """Rank 0 alone is interrupted before step 1 (of 2); every rank writes what stopped it."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
-    torch.set_num_threads(1)
-    recipe = _recipe(folder)
-    train, _, _ = datasets(DataSpec(recipe.data, None, SIZE, 3), recipe.calib_size)
-    model = timm.create_model("test_resnet", num_classes=3)
-    try:
-        fit(_Interrupting(model, 1 if rank == 0 else None), model, train, recipe, out, _groups(model),
-            ddp=Distributed(rank, world))
-        outcome = "finished"
-    except Interrupted as e:
-        outcome = str(e)
-    except Exception as e:  # a rank left waiting in an all-reduce times out
-        outcome = type(e).__name__
-    (out.parent / f"rank{rank}.txt").write_text(outcome)
-    torch.distributed.destroy_process_group()
-
-
 @pytest.mark.slow
 def test_an_interrupt_that_reaches_one_rank_stops_every_rank_at_the_same_step(image_folder, tmp_path):
-    port = 29500 + (os.getpid() + 7) % 1000
-    mp.spawn(_ddp_interrupted_worker, args=(2, image_folder, tmp_path / "run", port), nprocs=2, join=True)
-    outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
-    assert outcomes == ["interrupted at step 2; resume with --resume"] * 2
+    run_gloo(_ddp_worker, 2, image_folder, tmp_path / "run", 1)  # before step 1 of 2
+    assert _outcomes(tmp_path) == ["interrupted at step 2; resume with --resume"] * 2
 
 
 class _NaNAfter(ClassificationTask):
