@@ -64,8 +64,10 @@ class BudgetDistillationTask(LogitDistillationTask):
         return unwrap_model(self.trainable_module)
 
     def prepare_distributed(self, device_ids: list | None = None, **ddp_kwargs) -> "BudgetDistillationTask":
-        """Wrap the student in DDP that lets parameters go without a gradient: once the gates settle (or on a
-        resume after that) theirs get none, and DDP would otherwise wait for them at the next step."""
+        """Wrap the student in DDP that lets parameters go without a gradient, which DDP would otherwise wait for
+        at the next step. Once the gates settle (or on a resume after that) theirs get none, and with hard
+        decisions neither does a block's branch that no image of a rank's batch keeps (wrapping again
+        at the settle without `find_unused_parameters` was tried and failed on such a batch)."""
         super().prepare_distributed(device_ids, **{"find_unused_parameters": True, **ddp_kwargs})
         return self
 

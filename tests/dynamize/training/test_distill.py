@@ -1,4 +1,8 @@
 """Budget-controlled distillation on a tiny model and data set: the gates reach the budget in training, then settle."""
+import json
+import os
+import signal
+
 import pytest
 import timm
 import torch
@@ -10,7 +14,7 @@ from dynamize.graph.cost import min_fraction
 from dynamize.training.calibrate import mean_fraction
 from dynamize.training.data import DataSpec, datasets, loader
 from dynamize.training.distill import BudgetDistillationTask, configure_gates, param_groups
-from dynamize.training.loop import Distributed, fit
+from dynamize.training.loop import Distributed, Interrupted, fit
 from dynamize.training.recipe import load_recipe
 
 SIZE = 32
@@ -60,19 +64,43 @@ def test_settling_calibrates_once_then_freezes_the_gates(tmp_path):
     assert not torch.equal(norm.weight, settled_stats["weight"])  # the backbone, norms' weights included, trains
 
 
-def _ddp_settling_worker(rank, world, root):
+class _StopAt(BudgetDistillationTask):
+    """Presses Ctrl-C before a given step (None: never), as a user stopping the run would."""
+
+    def __init__(self, *args, at=None, **kw):
+        super().__init__(*args, **kw)
+        self.at = at
+
+    def on_step(self, step, total):
+        super().on_step(step, total)
+        if step == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def _ddp_settling_worker(rank, world, root, stop_at):
+    """Fine-tune through the settle (step 6 of 12) on every rank; when rank 0 stops at `stop_at`, resume on a fresh
+    student and task, as `dynamize finetune --resume` does. Each rank saves its student."""
     recipe, train, _, student, teacher = _setup(root / f"rank{rank}", budget=0.5, epochs=2, settle_fraction=0.5)
-    task = BudgetDistillationTask(student, teacher, recipe)
-    fit(task, student, train, recipe, root / "run", param_groups(student, recipe), ddp=Distributed(rank, world))
+    try:
+        fit(_StopAt(student, teacher, recipe, at=stop_at if rank == 0 else None), student, train, recipe,
+            root / "run", param_groups(student, recipe), ddp=Distributed(rank, world))
+    except Interrupted:
+        recipe, train, _, student, teacher = _setup(root / f"rank{rank}-again", budget=0.5, epochs=2,
+                                                    settle_fraction=0.5)
+        fit(BudgetDistillationTask(student, teacher, recipe), student, train, recipe, root / "run",
+            param_groups(student, recipe), resume=True, ddp=Distributed(rank, world))
     torch.save({k: v.clone() for k, v in student.state_dict().items()}, root / f"rank{rank}.pt")
 
 
 @pytest.mark.slow
-def test_ddp_fine_tuning_goes_on_after_the_gates_settle(tmp_path):
-    """Settling freezes the gates, so their parameters get no gradient from then on: DDP must not wait for them."""
-    run_gloo(_ddp_settling_worker, 2, tmp_path)
+@pytest.mark.parametrize("stop_at", [None, 7], ids=["straight", "resumed-after-the-settle"])
+def test_ddp_fine_tuning_goes_on_after_the_gates_settle(tmp_path, stop_at):
+    """Settling freezes the gates, so their parameters get no gradient from then on: DDP must not wait for them,
+    also when a resume after the settle freezes them before the first step."""
+    run_gloo(_ddp_settling_worker, 2, tmp_path, stop_at)
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 12
 
 
 def test_static_gates_give_every_image_the_same_decisions(tmp_path):
