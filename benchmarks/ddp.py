@@ -55,8 +55,7 @@ def seconds_per_image(config: str, run: Path, images: int, batch: int) -> float:
         subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
                        stdout=subprocess.DEVNULL)
         row = json.loads((Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()[0])
-        steps = images // batch
-        return row["seconds"] / (steps * batch)
+        return row["seconds"] / (row["step"] * batch)
 
 
 def worker(argv: list[str]) -> None:
@@ -64,7 +63,7 @@ def worker(argv: list[str]) -> None:
     from dynamize.training.distill import BudgetDistillationTask
     from dynamize_cli.main import main as cli
 
-    BudgetDistillationTask.prepare_distributed = functools.partialmethod(  # type: ignore[method-assign]
+    BudgetDistillationTask.prepare_distributed = functools.partialmethod(  # type: ignore[method-assign,assignment]
         BudgetDistillationTask.prepare_distributed, find_unused_parameters=False)
     sys.argv = ["dynamize", *argv]
     cli()
