@@ -227,7 +227,8 @@ def _slice_groups(gm: fx.GraphModule, groups: list[ChannelGroup], mode: str) -> 
         if pooled is not None:
             call = CompactPool(pooled.group.axis), (n.args[0], kept[pooled.group.name])
         elif n in producer_of or (src and own is None):
-            call = SlicedLayer(_layer(gm, n), norm), (n.args[0], kept[src.group.name] if src else None, k)
+            call = SlicedLayer(_layer(gm, n), norm, gathers_inputs=src is not None), (
+                n.args[0], kept[src.group.name] if src else None, k)
         elif own is not None and n is own.gate:
             call = Scale(), (n.args[1], k)
         elif n in folded:
