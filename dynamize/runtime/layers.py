@@ -113,9 +113,9 @@ class SlicedLayer(nn.Module):
             # Kept filters of the channels-last copy: rows of its [out, kh, kw, in] storage, still channels-last.
             weight = _rows(packed.channels_last.permute(0, 2, 3, 1), out_idx).permute(0, 1, 4, 2, 3)
         elif out_idx is None and in_idx is not None and packed.transposed is not None:
-            # Kept inputs alone: rows of the [in, out, kh, kw] copy, seen as [G, out, K, kh, kw]; the convolution
-            # copies them once into the memory format it runs in.
-            weight = _rows(packed.transposed, in_idx).transpose(1, 2)
+            # Kept inputs alone: rows of the [in, out, kh, kw] copy, then [G, out, K, kh, kw] contiguous as the
+            # gather below makes it (a channels-last weight straight from the rows copies one float at a time).
+            weight = _rows(packed.transposed, in_idx).transpose(1, 2).contiguous()
         else:
             weight = _gather(weight, in_idx, out_idx)
         if not per_image:
