@@ -26,7 +26,7 @@ from pathlib import Path
 
 from budget_sweep import facts
 
-CORES = 2
+CORES = len(os.sched_getaffinity(0))  # the cores this process may run on: one torchrun process per core
 CONFIGS = ("one process", "torchrun", "torchrun, no find_unused")
 
 

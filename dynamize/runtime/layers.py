@@ -72,7 +72,7 @@ class SlicedLayer(nn.Module):
         gathers_inputs: its inputs are a group's kept channels. A convolution then keeps an [in, out, kh, kw] copy
             of its weights, whose rows are the kept inputs' columns: gathering them from the [out, in, kh, kw]
             weight copies one kh x kw chunk at a time (3x3 convolutions at batch 1, gather and convolution
-            together: 1.2-4x slower, measured on ResNet-18's shapes).
+            together: 1.15-4x slower, measured on ResNet-18's shapes).
     """
 
     def __init__(self, layer: nn.Conv2d | nn.Linear, norm: nn.modules.batchnorm._BatchNorm | None = None,
