@@ -190,8 +190,9 @@ def _unprofitable(g: Graph, group: Group, groups: list[Group], flops: dict[str, 
     macs = sum(flops.get(n.name, 0) for n in group.members + group.sinks) / 2 / group.channels
     layers = [m for m in (ops.module_of(g.gm, n) for n in group.members[1:]) if ops.is_depthwise(m)]
     upstream = any(group.producer in other.sinks for other in groups)
+    producers = {other.producer for other in groups}
     gather = channel_gather_macs(_layer(g, group.producer), layers, [_layer(g, n) for n in group.sinks],
-                                 group.channels, upstream)
+                                 group.channels, upstream, [n in producers for n in group.sinks])
     return None if channel_gate_pays(macs, gather, group.channels) else macs * group.channels / 2 / 1e6
 
 

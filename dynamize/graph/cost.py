@@ -101,7 +101,8 @@ def gather_macs(weights: int, kernel: int, both: bool = False) -> float:
 
 
 def channel_gather_macs(producer: nn.Conv2d | nn.Linear, depthwise: Sequence[nn.Conv2d],
-                        sinks: Sequence[nn.Conv2d | nn.Linear], channels: int, upstream: bool) -> float:
+                        sinks: Sequence[nn.Conv2d | nn.Linear], channels: int, upstream: bool,
+                        downstream: Sequence[bool]) -> float:
     """Cost of gathering one kept channel's weights in every layer of a channel group: the producer's filter,
     the depthwise filters and the sinks' input columns.
 
@@ -109,15 +110,18 @@ def channel_gather_macs(producer: nn.Conv2d | nn.Linear, depthwise: Sequence[nn.
         producer, depthwise, sinks: the group's layers (convolutions or linears).
         channels: channels of the group.
         upstream: the producer's inputs are another group's kept channels (kept inputs and outputs are gathered).
+        downstream: per sink, whether its outputs are another group's kept channels (the sink produces a group).
+            A convolution gated on its inputs alone copies whole rows of a transposed copy of its weights; one gated on
+            both sides copies kept inputs and outputs together, as chunks.
     """
     def kernel(m: nn.Conv2d | nn.Linear) -> int:
         return m.weight[0, 0].numel() if isinstance(m, nn.Conv2d) else 1
 
     cost = gather_macs(producer.weight.numel() // channels, kernel(producer), both=upstream)
     cost += sum(gather_macs(m.weight.numel() // channels, 1) for m in depthwise)
-    for m in sinks:
+    for m, produces in zip(sinks, downstream, strict=True):
         per_input = m.weight.numel() // (m.in_channels if isinstance(m, nn.Conv2d) else m.in_features)
-        cost += gather_macs(per_input, kernel(m), both=kernel(m) > 1)
+        cost += gather_macs(per_input, kernel(m), both=produces and kernel(m) > 1)
     return cost
 
 

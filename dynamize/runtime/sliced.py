@@ -11,7 +11,7 @@ updates.
 """
 import copy
 import itertools
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from typing import TypeVar, cast
 
 import torch
@@ -150,12 +150,14 @@ class _GroupSites:
                 raise RuntimeError(f"{n.name} in group {group.name} is not a per-channel op")
 
 
-def _decide(gm: fx.GraphModule, site: _GroupSites, upstream: bool, mode: str) -> Decide:
-    """The group's Decide, with the group's costs per channel: its MACs from the plan, and gathering its weights."""
+def _decide(gm: fx.GraphModule, site: _GroupSites, upstream: bool, producers: Container[fx.Node],
+            mode: str) -> Decide:
+    """The group's Decide, with the group's costs per channel: its MACs from the plan, and gathering its weights
+    (`producers`: the producers of every group the runtime runs compact)."""
     group = site.group
     depthwise = [_module(gm, n, nn.Conv2d) for n in site.members if ops.is_depthwise(ops.module_of(gm, n))]
     gather = channel_gather_macs(_layer(gm, site.producer), depthwise, [_layer(gm, n) for n in site.sinks],
-                                 group.channels, upstream)
+                                 group.channels, upstream, [n in producers for n in site.sinks])
     gate = _module(gm, site.gate, ChannelGate).gate
     return Decide(gate, group.axis, group.flops / 2 / group.channels, group.pool_flops / group.in_channels, gather,
                   mode)
@@ -198,12 +200,13 @@ def _slice_groups(gm: fx.GraphModule, groups: list[ChannelGroup], mode: str) -> 
 
     compact_of: dict[fx.Node, _GroupSites | None] = {n: s for s in sites for n in s.compact}
     sink_of = {n: s for s in sites for n in s.sinks}
+    producer_of = {s.producer: s for s in sites}
     kept: dict[str, fx.Node] = {}
     for s in sites:
         src = sink_of.get(s.producer)
         with graph.inserting_before(s.producer):
             args = (s.gate.args[0], s.producer.args[0], kept[src.group.name] if src else None)
-            decide = _decide(gm, s, src is not None, mode)
+            decide = _decide(gm, s, src is not None, producer_of, mode)
             kept[s.group.name] = graph.call_module(add(f"decide_{gate_key(s.group.name)}", decide), args)
 
     for s in sites:
@@ -215,7 +218,6 @@ def _slice_groups(gm: fx.GraphModule, groups: list[ChannelGroup], mode: str) -> 
 
     folds = {conv: bn for s in sites for conv, bn in _folds(gm, s).items()}
     folded = set(folds.values())
-    producer_of = {s.producer: s for s in sites}
     pool_of = {n: s for s in sites for n in s.pools}
     for n in list(graph.nodes):
         own, src, pooled = compact_of.get(n), sink_of.get(n), pool_of.get(n)

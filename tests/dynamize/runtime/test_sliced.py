@@ -8,6 +8,7 @@ from helpers import randomize
 from timm.layers import BatchNormAct2d
 
 import dynamize
+from dynamize.graph.cost import GATHER_MACS
 from dynamize.runtime import decide as decide_module
 from dynamize.runtime.bench import force_random, release
 from dynamize.runtime.decide import Decide
@@ -249,3 +250,19 @@ def test_a_group_that_leaves_its_block_runs_on_its_kept_channels():
         net(torch.randn(1, 3, 64, 64))  # builds the fast path
     called = _called(unit.fast)
     assert called.count(SlicedLayer) == 1 and called.count(Widen) == 1
+
+
+@pytest.mark.parametrize("residual_outputs", [False, True], ids=["sink-gated-on-inputs", "sink-gated-on-both-sides"])
+def test_a_group_prices_its_sinks_gather_as_the_sink_gathers(residual_outputs):
+    """A block's second convolution, a sink of the first's group, copies whole rows of its transposed weights when
+    only its inputs are gated and chunks when its outputs are a group of their own: the layout choice prices it so."""
+    base = timm.create_model("resnet18", num_classes=7)
+    net = dynamize.convert(base, img_size=32, residual_outputs=residual_outputs).eval()
+    use_runtime(net)
+    with torch.no_grad():
+        net(torch.randn(1, 3, 32, 32))
+    (decide,) = [m for _, unit in net.units() for name, m in unit.fast.named_modules()
+                 if isinstance(m, Decide) and name.endswith("decide_layer3_0_conv1")]
+    conv1, conv2 = base.layer3[0].conv1, base.layer3[0].conv2
+    sink = GATHER_MACS["chunks" if residual_outputs else "rows"]
+    assert decide.gather == conv1.weight[0].numel() * GATHER_MACS["rows"] + conv2.weight[:, 0].numel() * sink
