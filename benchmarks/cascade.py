@@ -17,7 +17,8 @@ deterministic, and the fine-tuned weights are read from OUT's last checkpoint).
 Which images escalate is decided by a score of the cheap model's softmax (`--scores`): the top probability, as
 `dynamize cascade` does, or the margin between the top two, or the negative entropy; the least sure images escalate
 first. "Either right" is the ceiling of any such rule: the share of images that the cheap model or the original
-classifies correctly.
+classifies correctly; "both averaged" runs the two on every image and averages their softmax (a cost of the cheap
+model's FLOPs plus 1.0), what the two networks reach together with no budget at all.
 
     python benchmarks/cascade.py TEACHER [--runs RUN ...] [--pruned OUT=FRACTION ...] --budgets 0.2 0.25
         [--scores top margin entropy] [--seed S] [--json F]
@@ -60,7 +61,8 @@ SCORES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"top": confidence, 
 
 @torch.no_grad()
 def outputs(model: nn.Module, data, fraction: float = 1.0) -> dict[str, torch.Tensor]:
-    """Per image: logits, correctness and FLOPs fraction of the original's (a gated model's own, else `fraction`)."""
+    """Per image: logits, label, correctness and FLOPs fraction of the original's (a gated model's own, else
+    `fraction`)."""
     model.eval()
     logits, labels, flops = [], [], []
     for images, target in loader(data, 256):
@@ -68,8 +70,8 @@ def outputs(model: nn.Module, data, fraction: float = 1.0) -> dict[str, torch.Te
         labels.append(target)
         flops.append(flops_per_image(model) if isinstance(model, DynamicNet)
                      else torch.full((len(target),), fraction))
-    out = torch.cat(logits)
-    return {"logits": out, "correct": out.argmax(1) == torch.cat(labels), "flops": torch.cat(flops)}
+    out, label = torch.cat(logits), torch.cat(labels)
+    return {"logits": out, "labels": label, "correct": out.argmax(1) == label, "flops": torch.cat(flops)}
 
 
 def cascade(small: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], score: str, threshold: float) -> dict:
@@ -130,22 +132,24 @@ def main() -> None:
                                                     1.0) for run in args.runs]
     smalls += [pruned_model(teacher_net, p, (spec.in_chans, spec.img_size, spec.img_size)) for p in args.pruned]
     teacher_top1 = 100 * teacher["correct"].float().mean().item()
-    table = Table("cheap model", "alone: top-1 % / FLOPs", "either right %", "budget", "score", "top-1 %",
-                  "FLOPs mean", "p5 / p50 / p95", "escalated",
+    table = Table("cheap model", "alone: top-1 % / FLOPs", "either right %", "both averaged %", "budget", "score",
+                  "top-1 %", "FLOPs mean", "p5 / p50 / p95", "escalated",
                   title=f"Confidence cascade to the original ({teacher_top1:.2f}% alone)")
     for model, name, fraction in smalls:
         calib, test = outputs(model, splits.calib, fraction), outputs(model, splits.evaluation, fraction)
         alone = cascade(test, teacher, "top", float("-inf"))
         either = 100 * (test["correct"] | teacher["correct"]).float().mean().item()
+        averaged = (test["logits"].softmax(1) + teacher["logits"].softmax(1)).argmax(1) == test["labels"]
+        both = 100 * averaged.float().mean().item()
         for budget, score in itertools.product(args.budgets, args.scores):
             threshold = escalation_threshold(SCORES[score](calib["logits"]), calib["flops"], budget)
             r = cascade(test, teacher, score, threshold)
-            table.add_row(name, f"{alone['top1']:.2f} / {alone['flops_mean']:.3f}", f"{either:.2f}", f"{budget}",
-                          score, f"{r['top1']:.2f}", f"{r['flops_mean']:.3f}",
+            table.add_row(name, f"{alone['top1']:.2f} / {alone['flops_mean']:.3f}", f"{either:.2f}", f"{both:.2f}",
+                          f"{budget}", score, f"{r['top1']:.2f}", f"{r['flops_mean']:.3f}",
                           f"{r['p5']:.3f} / {r['p50']:.3f} / {r['p95']:.3f}", f"{r['escalated']:.3f}")
             if args.json:
                 line = {"cheap": name, "alone": alone, "budget": budget, "score": score, "cascade": r,
-                        "either_top1": either, "teacher_top1": teacher_top1,
+                        "either_top1": either, "averaged_top1": both, "teacher_top1": teacher_top1,
                         "seconds": time.time() - start, **facts()}
                 with open(args.json, "a") as f:
                     f.write(json.dumps(line) + "\n")
